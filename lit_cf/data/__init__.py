@@ -1,0 +1,21 @@
+"""LightningDataModules and datasets (one file per dataset family)."""
+
+from lit_cf.data.base import ImageDataModule
+from lit_cf.data.celeba import CelebADataModule, CelebADataset
+from lit_cf.data.corruptions import CORRUPTIONS, CorruptedDataset, corrupt
+from lit_cf.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from lit_cf.data.rendered import RenderedDigits, RenderedDigitsDataModule, render_digits
+
+__all__ = [
+    "CORRUPTIONS",
+    "CelebADataModule",
+    "CelebADataset",
+    "CorruptedDataset",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "MNISTDataModule",
+    "RenderedDigits",
+    "RenderedDigitsDataModule",
+    "corrupt",
+    "render_digits",
+]

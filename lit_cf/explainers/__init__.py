@@ -1,0 +1,8 @@
+"""Counterfactual methods (one file per method) and the explain engine."""
+
+from lit_cf.explainers.base import CounterfactualMethod
+from lit_cf.explainers.deepinversion import DeepInversionCounterfactual
+from lit_cf.explainers.pixel import PixelCounterfactual
+from lit_cf.explainers.rundir import ExplainRun
+
+__all__ = ["CounterfactualMethod", "DeepInversionCounterfactual", "ExplainRun", "PixelCounterfactual"]

@@ -1,0 +1,240 @@
+"""The counterfactual engine: per-image latents optimised inside Lightning's predict loop.
+
+Mechanism (and why): each predict batch is a *chunk* of (query, target) records, and
+``predict_step`` runs the whole optimisation of that chunk under ``torch.enable_grad()``.
+Lightning's predict loop then supplies devices, precision (autocast around the step),
+strategies (each rank gets its own chunks) and callbacks (the writer), while the latents live
+only for the chunk. A ``fit`` per chunk would rebuild optimizers, loggers and checkpoints for
+every chunk and, under DDP, all-reduce gradients across ranks, which would couple images that
+must stay independent. Here gradients are taken with ``torch.autograd.grad`` on tensors
+created in the step, so no DDP hook ever fires.
+
+Per-image independence: the loss is a *sum* of per-image terms, the optimiser is an
+element-wise Adam whose state and step counter are per image, and every random draw comes from
+a generator seeded by the record's own seed. So the counterfactual of image i does not depend
+on which images share its chunk or device.
+
+Per-image stopping: an image whose stopping rule is met stops changing (its update is masked
+to zero and its Adam step counter stops); the step at which it stopped is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_cf.models.base import ImageClassifier, freeze
+
+
+def per_image_sum(t: Tensor) -> Tensor:
+    """Sum every dimension but the first: ``[B, ...] -> [B]``."""
+    return t.flatten(1).sum(1)
+
+
+class CounterfactualMethod(L.LightningModule):
+    """Base class of explain methods: subclasses define latents, rendering and loss terms.
+
+    Subclasses implement :meth:`init_latents`, :meth:`render` and :meth:`loss_terms`, and may
+    override :meth:`project` (after each update) and :meth:`extra_outputs`. The engine
+    (:meth:`optimise`) is shared.
+
+    Args:
+        steps: Maximum optimisation steps per image.
+        lr: Adam learning rate of the latents.
+        betas: Adam betas.
+        stop_probability: Stop an image once the classifier's target probability reaches this
+            value (``None``: always run ``steps`` steps).
+        log_every: Log the per-step quantities every this many steps (0 disables).
+    """
+
+    def __init__(
+        self,
+        steps: int = 200,
+        lr: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        stop_probability: float | None = 0.9,
+        log_every: int = 10,
+    ) -> None:
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if stop_probability is not None and not 0.0 < stop_probability <= 1.0:
+            raise ValueError(f"stop_probability must be in (0, 1] or None, got {stop_probability}")
+        self.steps, self.lr, self.betas = steps, lr, tuple(betas)
+        self.stop_probability = stop_probability
+        self.log_every = log_every
+        self.classifier: ImageClassifier | None = None
+        self._log_step = 0
+
+    # ----------------------------------------------------------------- wiring
+    def attach(self, classifier: ImageClassifier) -> None:
+        """Attach the classifier to explain, frozen and in eval mode (BN statistics fixed)."""
+        self.classifier = freeze(classifier)
+
+    def train(self, mode: bool = True) -> CounterfactualMethod:
+        # models explained or used as priors stay in eval mode whatever the loop asks for
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules that must stay in eval mode (the classifier, generators, DUQ models)."""
+        return [self.classifier] if self.classifier is not None else []
+
+    def describe(self) -> dict[str, Any]:
+        """Method settings recorded in the run directory."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", **dict(self.hparams)}
+
+    # ----------------------------------------------------------------- subclass hooks
+    def init_latents(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-image latents (leading dimension = chunk size), e.g. ``{"x": query.clone()}``."""
+        raise NotImplementedError
+
+    def render(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
+        """Counterfactual images in ``[0, 1]`` from the latents."""
+        raise NotImplementedError
+
+    def loss_terms(
+        self, x_cf: Tensor, logits: Tensor, latents: dict[str, Tensor], batch: dict[str, Tensor], step: int
+    ) -> dict[str, Tensor]:
+        """Per-image loss terms ``{name: [B]}``; the engine minimises their sum."""
+        raise NotImplementedError
+
+    def project(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+        """In-place projection after each update (e.g. clamp pixels to ``[0, 1]``)."""
+
+    def extra_outputs(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Extra per-record tensors saved with the counterfactuals (leading dim = chunk size)."""
+        return {}
+
+    # ----------------------------------------------------------------- engine
+    def target_reached(self, target_prob: Tensor) -> Tensor:
+        if self.stop_probability is None:
+            return torch.zeros_like(target_prob, dtype=torch.bool)
+        return target_prob >= self.stop_probability
+
+    def _log(self, terms: dict[str, Tensor], target_prob: Tensor, active: Tensor) -> None:
+        if not self.log_every or self._trainer is None or self._log_step % self.log_every:
+            self._log_step += 1
+            return
+        metrics = {f"explain/{k}": float(v.detach().mean()) for k, v in terms.items()}
+        metrics["explain/target_prob"] = float(target_prob.mean())
+        metrics["explain/active"] = float(active.float().mean())
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self._log_step)
+        self._log_step += 1
+
+    def optimise(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Optimise the latents of one chunk; returns counterfactuals and per-record results."""
+        if self.classifier is None:
+            raise RuntimeError("no classifier attached: call attach(classifier) before explaining")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "explain needs gradients but inference mode is on: run it with Trainer(inference_mode=False) "
+                "(lit-cf explain does this for you)"
+            )
+        target = batch["target"]
+        b1, b2 = self.betas
+        eps = 1e-8
+        with torch.enable_grad():
+            latents = {k: v.detach().float().requires_grad_(True) for k, v in self.init_latents(batch).items()}
+            moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in latents.items()}
+            active = torch.ones(len(target), dtype=torch.bool, device=target.device)
+            steps_used = torch.full_like(target, self.steps)
+            t = torch.zeros(len(target), device=target.device)
+            for step in range(self.steps):
+                x_cf = self.render(latents, batch)
+                logits = self.classifier(x_cf)
+                target_prob = logits.float().softmax(-1).gather(1, target[:, None]).squeeze(1).detach()
+                done = active & self.target_reached(target_prob)
+                steps_used = torch.where(done, torch.full_like(steps_used, step), steps_used)
+                active = active & ~done
+                if not active.any():
+                    break
+                terms = self.loss_terms(x_cf, logits, latents, batch, step)
+                total = torch.stack([v.float() for v in terms.values()]).sum(0)
+                self._log(terms, target_prob, active)
+                grads = torch.autograd.grad(total.sum(), list(latents.values()), allow_unused=True)
+                t = t + active.float()
+                with torch.no_grad():
+                    for (name, latent), grad in zip(latents.items(), grads):
+                        if grad is None:
+                            continue
+                        mask = active.view(-1, *[1] * (latent.dim() - 1)).to(latent.dtype)
+                        m, v = moments[name]
+                        m.mul_(1 - mask * (1 - b1)).add_(mask * (1 - b1) * grad)
+                        v.mul_(1 - mask * (1 - b2)).add_(mask * (1 - b2) * grad * grad)
+                        tt = t.clamp_min(1).view(mask.shape)
+                        m_hat = m / (1 - b1**tt)
+                        v_hat = v / (1 - b2**tt)
+                        latent.sub_(mask * self.lr * m_hat / (v_hat.sqrt() + eps))
+                    self.project(latents, batch)
+            with torch.no_grad():
+                x_cf = self.render(latents, batch).detach()
+                probs = self.classifier(x_cf).float().softmax(-1)
+                extras = {k: v.detach() for k, v in self.extra_outputs(latents, batch).items()}
+        return {
+            "counterfactual": x_cf.clamp(0, 1),
+            "final_probs": probs,
+            "steps": steps_used,
+            **extras,
+        }
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        out = self.optimise(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            out["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        out["chunk_seconds"] = time.perf_counter() - start
+        return out
+
+
+def cross_entropy_to_target(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-image cross-entropy towards the target class ``[B]``."""
+    return F.cross_entropy(logits.float(), target, reduction="none")
+
+
+def seeded_uniform(seeds: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Per-record uniform draws ``[B, *shape]``, each row from a generator seeded by its record seed.
+
+    One generator per record (a loop over the chunk, once per chunk, not per step) keeps every
+    random choice of image i independent of its chunk-mates.
+    """
+    rows = []
+    for s in seeds.tolist():
+        g = torch.Generator().manual_seed(int(s) % (2**63 - 1))
+        rows.append(torch.rand(shape, generator=g))
+    return torch.stack(rows).to(device) if rows else torch.empty(0, *shape, device=device)
+
+
+def tv_losses(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image total variation ``(TV_l1, TV_l2)`` over horizontal, vertical and diagonal neighbours."""
+    diffs = [
+        x[..., :, :-1] - x[..., :, 1:],
+        x[..., :-1, :] - x[..., 1:, :],
+        x[..., 1:, :-1] - x[..., :-1, 1:],
+        x[..., :-1, :-1] - x[..., 1:, 1:],
+    ]
+    tv1 = sum(per_image_sum(d.abs()) for d in diffs)
+    tv2 = sum(per_image_sum(d * d) for d in diffs).clamp_min(1e-12).sqrt()
+    return tv1, tv2
+
+
+__all__ = [
+    "CounterfactualMethod",
+    "cross_entropy_to_target",
+    "per_image_sum",
+    "seeded_uniform",
+    "tv_losses",
+]

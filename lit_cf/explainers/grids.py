@@ -1,0 +1,58 @@
+"""PNG grids of explain runs: one row per record, query | counterfactual | signed difference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+
+def signed_difference(query: Tensor, counterfactual: Tensor) -> Tensor:
+    """RGB map of ``cf - query`` summed over channels: red where the CF adds, blue where it removes.
+
+    Each image is scaled by its own largest absolute change so small edits stay visible.
+    """
+    diff = (counterfactual - query).sum(1, keepdim=True)
+    scale = diff.flatten(1).abs().amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
+    d = diff / scale
+    pos, neg = d.clamp(min=0), (-d).clamp(min=0)
+    return torch.cat([1 - neg, 1 - pos - neg, 1 - pos], dim=1).clamp(0, 1)
+
+
+def comparison_rows(query: Tensor, counterfactual: Tensor) -> Tensor:
+    """Interleave query, counterfactual and difference map: ``[3B, 3, H, W]`` for a 3-column grid."""
+    to_rgb = (lambda x: x.expand(-1, 3, -1, -1)) if query.shape[1] == 1 else (lambda x: x)
+    triples = torch.stack([to_rgb(query), to_rgb(counterfactual), signed_difference(query, counterfactual)], 1)
+    return triples.flatten(0, 1)
+
+
+def write_grids(rundir: Any, rows: list[dict[str, Any]], num_images: int, per_grid: int = 16) -> list[Path]:
+    """Write grids of the first ``num_images`` records into ``<run>/grids/`` (atomic per file)."""
+    from lit_cf.explainers.rundir import atomic_write_bytes
+
+    if num_images <= 0 or not rows:
+        return []
+    chosen = rows[:num_images]
+    cache: dict[str, dict[str, Tensor]] = {}
+    queries, cfs = [], []
+    for r in chosen:
+        shard = cache.setdefault(r["shard"], load_file(str(rundir.shards / r["shard"])))
+        queries.append(shard["query"][r["row"]])
+        cfs.append(shard["counterfactual"][r["row"]])
+    q, c = torch.stack(queries).float(), torch.stack(cfs).float()
+    out_dir = rundir.root / "grids"
+    out_dir.mkdir(exist_ok=True)
+    paths = []
+    for g, start in enumerate(range(0, len(chosen), per_grid)):
+        grid = make_grid(comparison_rows(q[start : start + per_grid], c[start : start + per_grid]), nrow=3, padding=2, pad_value=0.5)
+        path = out_dir / f"grid-{g:03d}.png"
+        tmp = out_dir / f".grid-{g:03d}.png.tmp"
+        save_image(grid, tmp, format="png")
+        atomic_write_bytes(path, tmp.read_bytes())
+        tmp.unlink()
+        paths.append(path)
+    return paths

@@ -1,0 +1,20 @@
+"""What `lit-cf fit` trains: classifiers, DUQ models, autoencoders."""
+
+from lit_cf.models.adversarial import PGD
+from lit_cf.models.autoencoder import VAE, AutoEncoder
+from lit_cf.models.backbones import ConvNet, ResNet18
+from lit_cf.models.base import ImageClassifier, freeze
+from lit_cf.models.classifier import Classifier
+from lit_cf.models.duq import DUQClassifier
+
+__all__ = [
+    "PGD",
+    "VAE",
+    "AutoEncoder",
+    "Classifier",
+    "ConvNet",
+    "DUQClassifier",
+    "ImageClassifier",
+    "ResNet18",
+    "freeze",
+]
