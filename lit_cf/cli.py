@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 
 from lit_cf.callbacks import SampleGridLogger
 from lit_cf.errors import UserError
@@ -30,8 +30,10 @@ class LitCFCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGridLogger, "sample_grid")
 
     def before_explain(self) -> None:
-        # the resolved config goes into the run directory next to the counterfactuals
+        # the resolved config goes into the run directory next to the counterfactuals, not
+        # into the trainer's log folder (SaveConfigCallback would refuse a second run there)
         self.trainer.explain_config_yaml = self.parser.dump(self.config, skip_none=False)
+        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:

@@ -12,8 +12,8 @@ def jitter_flip(x: Tensor, shifts: Tensor, flips: Tensor) -> Tensor:
     """Roll each image by its own ``(dy, dx)`` and mirror it horizontally where ``flips``."""
     b, _, h, w = x.shape
     rows = (torch.arange(h, device=x.device)[None, :] - shifts[:, :1]) % h  # [B, H]
-    cols = (torch.arange(w, device=x.device)[None, :] - shifts[:, 1:]) % w  # [B, W]
-    cols = torch.where(flips[:, None], w - 1 - cols, cols)
+    j = torch.arange(w, device=x.device)[None, :].expand(b, -1)
+    cols = (torch.where(flips[:, None], w - 1 - j, j) - shifts[:, 1:]) % w  # [B, W]: roll, then mirror
     idx_r = rows[:, None, :, None].expand(-1, x.shape[1], -1, w)
     out = x.gather(2, idx_r)
     idx_c = cols[:, None, None, :].expand(-1, x.shape[1], h, -1)

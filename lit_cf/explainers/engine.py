@@ -230,9 +230,6 @@ def run_explain(
         raise UserError(f"chunk_size must be >= 1, got {chunk_size}")
     rundir = RunDir(Path(output_dir))
     check_writable(rundir.root)
-    if rundir.is_complete() and not overwrite:
-        print(f"lit-cf explain: {rundir.root} is already complete; nothing to do (pass overwrite: true to recompute)")
-        return rundir.root
 
     model = load_module(classifier, ImageClassifier)
     data_classes = getattr(datamodule, "num_classes", None)
@@ -290,8 +287,9 @@ def run_explain(
         "chunk_size": chunk_size,
         "num_records": len(records),
     }
-    state = "new"
-    if trainer.is_global_zero:
+    # every rank reads the state; only rank 0 changes the folder
+    state = rundir.state(plan, records, overwrite)
+    if trainer.is_global_zero and state != "complete":
         state = rundir.prepare(plan, records, overwrite)
         if config_yaml is not None and state == "new":
             atomic_write_text(rundir.root / "config.yaml", config_yaml)

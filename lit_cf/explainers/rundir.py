@@ -119,24 +119,33 @@ class RunDir:
         for folder in (self.shards, self.root / "grids"):
             shutil.rmtree(folder, ignore_errors=True)
 
-    def prepare(self, plan: dict[str, Any], records: list[dict[str, Any]], overwrite: bool) -> str:
-        """Create or resume the run. Returns ``"complete"``, ``"resume"`` or ``"new"``."""
-        check_writable(self.root)
-        digest = fingerprint({"plan": plan, "records": records})
+    def state(self, plan: dict[str, Any], records: list[dict[str, Any]], overwrite: bool) -> str:
+        """``"new"``, ``"resume"`` or ``"complete"`` for this plan, without changing anything.
+
+        Raises if the folder holds a different run and ``overwrite`` is off.
+        """
         meta = self.read_meta()
-        if meta is not None and overwrite:
-            self.clear()
-            meta = None
-        if meta is not None:
-            if meta.get("fingerprint") != digest:
-                raise UserError(
-                    f"{self.root} holds a different explain run (other method, classifier, data, targets or seed); "
-                    "use a new output_dir, or pass overwrite: true to replace it"
-                )
-            if self.is_complete():
-                return "complete"
+        if meta is None or overwrite:
+            return "new"
+        if meta.get("fingerprint") != fingerprint({"plan": plan, "records": records}):
+            raise UserError(
+                f"{self.root} holds a different explain run (other method, classifier, data, targets or seed); "
+                "use a new output_dir, or pass overwrite: true to replace it"
+            )
+        return "complete" if self.is_complete() else "resume"
+
+    def prepare(self, plan: dict[str, Any], records: list[dict[str, Any]], overwrite: bool) -> str:
+        """Create, clear (``overwrite``) or resume the run folder; returns :meth:`state`."""
+        check_writable(self.root)
+        state = self.state(plan, records, overwrite)
+        if state == "complete":
+            return state
+        if state == "resume":
             self.cleanup_partial()
-            return "resume"
+            return state
+        if self.read_meta() is not None:  # overwrite requested
+            self.clear()
+        digest = fingerprint({"plan": plan, "records": records})
         self.root.mkdir(parents=True, exist_ok=True)
         self.shards.mkdir(exist_ok=True)
         atomic_write_text(self.root / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
