@@ -19,6 +19,19 @@ from lit_cf.errors import UserError
 from lit_cf.trainer import LitCFTrainer
 
 
+class FitConfigSaver(SaveConfigCallback):
+    """Save ``config.yaml`` for ``fit`` runs only.
+
+    ``validate``/``test``/``predict`` of a checkpoint would otherwise refuse to run in the
+    folder of the fit that made it (the config there already exists); explain writes its own
+    config into its run directory.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
 class LitCFCLI(LightningCLI):
     """LightningCLI with lit-cf defaults: seed 0 recorded in every run, a sample grid at fit start."""
 
@@ -30,10 +43,8 @@ class LitCFCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGridLogger, "sample_grid")
 
     def before_explain(self) -> None:
-        # the resolved config goes into the run directory next to the counterfactuals, not
-        # into the trainer's log folder (SaveConfigCallback would refuse a second run there)
+        # the resolved config goes into the run directory next to the counterfactuals
         self.trainer.explain_config_yaml = self.parser.dump(self.config, skip_none=False)
-        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:
@@ -42,6 +53,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:
         LightningModule,
         LightningDataModule,
         trainer_class=LitCFTrainer,
+        save_config_callback=FitConfigSaver,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

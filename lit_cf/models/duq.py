@@ -98,9 +98,11 @@ class DUQClassifier(ImageClassifier):
         self.ood_data = ood_data
         self.W = nn.Parameter(torch.empty(embedding_size, num_classes, backbone.out_features))
         nn.init.kaiming_normal_(self.W, nonlinearity="relu")
-        # N starts at a pseudo-count so early centroids move smoothly (reference code: 13)
+        # N starts at a pseudo-count so early centroids move smoothly, and the centroids start
+        # near the origin (std 0.05) where the initial embeddings lie: both as in the reference
+        # code; far-away centroids give kernel values ~1e-20 and no gradient to learn from
         self.register_buffer("N", torch.full((num_classes,), 13.0))
-        self.register_buffer("m", torch.randn(embedding_size, num_classes) * 13.0)
+        self.register_buffer("m", torch.randn(embedding_size, num_classes) * 0.05 * 13.0)
         self._reuse_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ood_auroc = BinaryAUROC()
 
@@ -112,7 +114,9 @@ class DUQClassifier(ImageClassifier):
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """``W_c f`` for all classes: ``[B, n, C]``."""
-        return torch.einsum("bj,ncj->bnc", features, self.W)
+        # one GEMM over the stacked class matrices (einsum picked a slow batched matmul here)
+        n, c, d = self.W.shape
+        return F.linear(features, self.W.reshape(n * c, d)).view(-1, n, c)
 
     def kernel_normalized(self, x: torch.Tensor) -> torch.Tensor:
         return rbf_kernel(self.embed(self.backbone(x)), self.centroids, self.length_scale)
