@@ -37,7 +37,20 @@ class LitCFCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "explain": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "explain": {"model", "datamodule"}, "evaluate": {"datamodule"}}
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        if subcommand != "evaluate":
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # evaluate reads models from checkpoints: no --model group, only trainer and data
+        parser = self.init_parser(**kwargs)
+        self.add_default_arguments_to_parser(parser)
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(
+            klass, subcommand, skip=set(self.subcommands()[subcommand])
+        )
+        return parser
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(SampleGridLogger, "sample_grid")
@@ -45,6 +58,15 @@ class LitCFCLI(LightningCLI):
     def before_explain(self) -> None:
         # the resolved config goes into the run directory next to the counterfactuals
         self.trainer.explain_config_yaml = self.parser.dump(self.config, skip_none=False)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "evaluate":
+            kwargs.pop("model", None)  # evaluate loads its models from checkpoints
+        return kwargs
+
+    def before_evaluate(self) -> None:
+        self.trainer.evaluate_config_yaml = self.parser.dump(self.config, skip_none=False)
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:

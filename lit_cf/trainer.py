@@ -8,12 +8,14 @@ import lightning as L
 
 from lit_cf.explainers.base import CounterfactualMethod
 from lit_cf.explainers.engine import run_explain
+from lit_cf.metrics.suite import run_evaluate
 
 
 class LitCFTrainer(L.Trainer):
     """``lightning.Trainer`` with :meth:`explain`; every Trainer option works as usual."""
 
     explain_config_yaml: str | None = None
+    evaluate_config_yaml: str | None = None
 
     def explain(
         self,
@@ -88,4 +90,67 @@ class LitCFTrainer(L.Trainer):
             overwrite=overwrite,
             num_grid_images=num_grid_images,
             config_yaml=self.explain_config_yaml,
+        )
+
+    def evaluate(
+        self,
+        datamodule: L.LightningDataModule,
+        runs: list[str],
+        output_dir: str,
+        oracles: dict[str, str] | None = None,
+        feature_network: str | None = None,
+        duq: str | None = None,
+        descriptors: str | None = None,
+        classifier: str | None = None,
+        names: list[str] | None = None,
+        batch_size: int = 256,
+        cout_steps: int = 20,
+        num_grid_images: int = 8,
+        overwrite: bool = False,
+    ) -> Path:
+        """Score explain runs with the counterfactual metric suite and write a report.
+
+        Writes ``metrics.json`` (overall and per source->target pair), ``metrics.md`` (the
+        comparison table, one row per run) and a self-contained ``report.html``. Each run is
+        checked against the data (dataset, shapes, the stored queries) and against the
+        classifier it explained (checksum), so mismatched inputs fail instead of skewing numbers.
+
+        Args:
+            datamodule: The data the runs were explained on.
+            runs: Explain run directories; several are evaluated together into one table.
+            output_dir: Folder for metrics and report (new or empty unless ``overwrite``).
+            oracles: ``{name: checkpoint}`` of independently trained classifiers; OS_k/OTA_k
+                per oracle (an oracle identical to the explained classifier is masked).
+            feature_network: Checkpoint of an in-project classifier whose backbone features
+                give ``fid_domain``, ``sfid_domain`` and ``perceptual_domain`` (not Inception
+                or VGG: none is available offline, and the names say so).
+            duq: Checkpoint of a DUQ model: certainty of counterfactuals and queries.
+            descriptors: Checkpoint of a :class:`~lit_cf.models.DescriptorPredictor`: MNAC
+                (and CD when the data has a binary target attribute); on the rendered digits
+                with a factor regressor, ground-truth scores (``gt_nuisance_change``: did the
+                counterfactual leave the nuisance factors alone; ``gt_change_<factor>``).
+            classifier: Override of the explained classifier's checkpoint path (must be the
+                same file the runs recorded).
+            names: Row names for the runs (default: the run folder names).
+            batch_size: Images per metric batch.
+            cout_steps: Insertion steps of COUT.
+            num_grid_images: Records shown per run in the report's grids.
+            overwrite: Write into a non-empty ``output_dir``.
+        """
+        return run_evaluate(
+            self,
+            datamodule,
+            runs=runs,
+            output_dir=output_dir,
+            oracles=oracles,
+            feature_network=feature_network,
+            duq=duq,
+            descriptors=descriptors,
+            classifier=classifier,
+            names=names,
+            batch_size=batch_size,
+            cout_steps=cout_steps,
+            num_grid_images=num_grid_images,
+            overwrite=overwrite,
+            config_yaml=self.evaluate_config_yaml,
         )

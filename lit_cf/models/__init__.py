@@ -5,6 +5,7 @@ from lit_cf.models.autoencoder import VAE, AutoEncoder
 from lit_cf.models.backbones import ConvNet, ResNet18
 from lit_cf.models.base import ImageClassifier, freeze
 from lit_cf.models.classifier import Classifier
+from lit_cf.models.descriptors import DescriptorPredictor
 from lit_cf.models.duq import DUQClassifier
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "AutoEncoder",
     "Classifier",
     "ConvNet",
+    "DescriptorPredictor",
     "DUQClassifier",
     "ImageClassifier",
     "ResNet18",

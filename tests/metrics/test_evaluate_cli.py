@@ -1,0 +1,110 @@
+"""`lit-cf evaluate` end to end on tiny explain runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_cf.cli import main
+from lit_cf.explainers import ExplainRun
+from tests.conftest import CONFIGS, fit_checkpoint
+
+DATA = [
+    f"--config={CONFIGS / 'data/rendered.yaml'}",
+    "--data.init_args.train_size=64",
+    "--data.init_args.val_size=64",
+    "--data.init_args.test_size=128",
+]
+
+
+def explain(ckpt: Path, out: Path, method: str = "pixel") -> Path:
+    main(
+        [
+            "explain", *DATA, f"--config={CONFIGS / f'explain/{method}.yaml'}",
+            "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out.parent}", f"--classifier={ckpt}", f"--output_dir={out}",
+            "--num_queries=24", "--model.init_args.steps=20", "--model.init_args.lr=0.05",
+        ]
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, cnn_ckpt, duq_ckpt):
+    root = tmp_path_factory.mktemp("evaluate")
+    oracle = fit_checkpoint(root / "oracle", "model/cnn.yaml", "--seed_everything=7")
+    regressor = fit_checkpoint(root / "regressor", "model/factor_regressor.yaml")
+    runs = [explain(cnn_ckpt, root / "pixel"), explain(duq_ckpt, root / "deepinversion", "deepinversion")]
+    return root, runs, oracle, regressor
+
+
+def evaluate_args(runs, out, oracle, cnn_ckpt, duq_ckpt, *extra, regressor=None):
+    return [
+        "evaluate", *DATA, "--trainer.accelerator=cpu", "--trainer.logger=false",
+        f"--runs=[{','.join(str(r) for r in runs)}]", f"--output_dir={out}",
+        f"--oracles={{oracle: {oracle}, self: {cnn_ckpt}}}", f"--feature_network={oracle}", f"--duq={duq_ckpt}",
+        "--cout_steps=5", *([f"--descriptors={regressor}"] if regressor else []), *extra,
+    ]
+
+
+def test_evaluate_writes_comparison_table_metrics_and_report(setup, cnn_ckpt, duq_ckpt, tmp_path):
+    root, runs, oracle, regressor = setup
+    out = tmp_path / "eval"
+    main(evaluate_args(runs, out, oracle, cnn_ckpt, duq_ckpt, regressor=regressor))
+    payload = json.loads((out / "metrics.json").read_text())
+    assert [row["method"] for row in payload["table"]] == ["pixel", "deepinversion"]
+    pixel = payload["runs"]["pixel"]["overall"]
+    run = ExplainRun(runs[0])
+    # validity agrees with the manifest, closeness with the stored tensors
+    assert pixel["flip_rate"] == pytest.approx(sum(r["success"] for r in run.manifest) / len(run), abs=1e-6)
+    l2 = (run.tensor("counterfactual") - run.tensor("query")).flatten(1).norm(dim=1)
+    assert pixel["l2_mean"] == pytest.approx(float(l2.mean()), rel=1e-4)
+    # the explained classifier as its own oracle is masked, the independent one is scored
+    assert math.isnan(pixel["ota_self"]) and 0.0 <= pixel["ota_oracle"] <= 1.0
+    for key in ("fid_domain", "sfid_domain", "perceptual_domain_mean", "duq_certainty_cf_mean", "cout_mean",
+                "seconds_per_cf_mean", "l1.5_mean", "mnac_mean", "gt_nuisance_change", "gt_change_mark",
+                "gt_error_mark"):
+        assert key in pixel and not math.isnan(pixel[key]), key
+    pairs = payload["runs"]["pixel"]["per_pair"]
+    assert sum(v["n"] for v in pairs.values()) == len(run)
+    assert all(re.fullmatch(r"\d->\d", k) for k in pairs)
+    md = (out / "metrics.md").read_text()
+    assert md.count("\n") >= 3 and "fid_domain" in md
+    html = (out / "report.html").read_text()
+    assert "pixel" in html and "deepinversion" in html
+    assert "data:image/png;base64," in html
+    assert not re.search(r'src="(?!data:)', html), "every image must be embedded"
+
+
+def test_evaluate_rejects_bad_runs(setup, cnn_ckpt, duq_ckpt, tmp_path, capsys):
+    root, runs, oracle, _ = setup
+    out = tmp_path / "eval"
+
+    def expect(args, match):
+        with pytest.raises(SystemExit) as err:
+            main(args)
+        assert err.value.code == 2
+        assert match in capsys.readouterr().err
+        assert not out.exists()
+
+    # other data: a different seed renders other images at the same indices
+    expect(evaluate_args(runs, out, oracle, cnn_ckpt, duq_ckpt, "--data.init_args.seed=5"), "not the image")
+    # a classifier that is not the one explained
+    expect(evaluate_args(runs[:1], out, oracle, cnn_ckpt, duq_ckpt, f"--classifier={oracle}"), "different classifier")
+    # an incomplete run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run.json").write_text(json.dumps({"status": "running"}))
+    expect(evaluate_args([broken], out, oracle, cnn_ckpt, duq_ckpt), "not a complete explain run")
+    # another datamodule altogether
+    from tests.fixtures import write_idx_dataset
+
+    mnist_root = write_idx_dataset(tmp_path / "mnist", name="MNIST", n_train=32, n_test=32)
+    args = evaluate_args(runs[:1], out, oracle, cnn_ckpt, duq_ckpt)
+    args[1:5] = ["--data=lit_cf.data.MNISTDataModule", f"--data.init_args.root={mnist_root}", "--data.init_args.val_size=4"]
+    expect(args, "other data")
