@@ -236,3 +236,20 @@ def test_unwritable_output_dir(cnn_ckpt, tmp_path, capsys):
         main(explain_args(cnn_ckpt, out))
     assert "not a directory" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+def test_wandb_offline_run_gets_loss_curves_and_grids(cnn_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    args = explain_args(cnn_ckpt, out, "--num_queries=8", "--model.init_args.log_every=1")
+    args.remove("--trainer.logger=false")
+    main(args + [f"--config={CONFIGS / 'logger/wandb.yaml'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'wb'}"])
+    import wandb
+
+    wandb.finish()  # a CLI process does this at exit; in-process we flush the offline run here
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert runs
+    assert list(runs[0].rglob("*.png")), "the counterfactual grid is logged as an image"
+    history = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    assert b"explain/cf" in history and b"explain/target_prob" in history
