@@ -20,6 +20,7 @@ to zero and its Adam step counter stops); the step at which it stopped is record
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -196,6 +197,8 @@ class CounterfactualMethod(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             out["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:  # the process's peak resident memory so far (Linux reports KiB)
+            out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out["chunk_seconds"] = time.perf_counter() - start
         return out
 

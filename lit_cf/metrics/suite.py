@@ -19,13 +19,16 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
+from torchvision.utils import make_grid
 
 from lit_cf import __version__
 from lit_cf.errors import UserError
+from lit_cf.explainers.grids import comparison_rows
 from lit_cf.explainers.rundir import ExplainRun, atomic_write_text
 from lit_cf.metrics.closeness import LpDistance, PerceptualDistance
 from lit_cf.metrics.cout import COUT
 from lit_cf.metrics.descriptors import MNAC, CorrelationDifference
+from lit_cf.metrics.diversity import Diversity
 from lit_cf.metrics.features import ClassifierFeatures, FeatureMaps
 from lit_cf.metrics.oracle import OracleAgreement
 from lit_cf.metrics.realism import DomainFID, DUQCertainty, SplitFID
@@ -247,6 +250,23 @@ def _summarise(ms: dict[str, Any], oracles: dict[str, tuple[ImageClassifier, str
     return out
 
 
+def _seed_groups(loaded: list[tuple[str, ExplainRun, str, str]]) -> list[list[tuple[str, ExplainRun, str, str]]]:
+    """Runs that differ only in their seed (same method settings, classifier and records).
+
+    sigma_L (diversity) is the mean pairwise distance between the counterfactuals such runs
+    produce for the same query; groups of one run get no diversity score.
+    """
+    groups: dict[str, list] = {}
+    for item in loaded:
+        _, run, _, sha = item
+        key = json.dumps(
+            [run.meta.get("method"), sha, run.meta.get("split"), [(r["index"], r["target"]) for r in run.manifest]],
+            sort_keys=True, default=str,
+        )
+        groups.setdefault(key, []).append(item)
+    return [g for g in groups.values() if len({it[1].meta.get("seed") for it in g}) >= 2]
+
+
 def _descriptor_setup(predictor: DescriptorPredictor, datamodule, run: ExplainRun) -> dict[str, Any] | None:
     """Target attribute index, labelled-data correlation (CD) and exact query factors, when known."""
     names = list(predictor.names)
@@ -296,7 +316,7 @@ def _ground_truth(change: Tensor, error: Tensor, names: list[str]) -> dict[str, 
 TABLE_COLUMNS = (
     "n", "flip_rate", "tconf_mean", "oa", "ota_mean", "os_mean", "l1_mean", "l1.5_mean", "l2_mean",
     "perceptual_domain_mean", "fid_domain", "sfid_domain", "duq_certainty_cf_mean", "cout_mean",
-    "mnac_mean", "cd", "gt_nuisance_change", "gt_style_change",
+    "mnac_mean", "cd", "gt_nuisance_change", "gt_style_change", "diversity_l1_mean",
     "seconds_per_cf_mean", "steps_mean",
 )
 
@@ -359,6 +379,13 @@ def run_evaluate(
         res["meta"] = {"run": str(Path(run.dir.root).resolve()), "method": run.meta.get("method"), "classifier": ckpt}
         results[name] = res
         sections.append(_section(name, run, res, num_grid_images, GridRow, ReportSection))
+    for group in _seed_groups(loaded):
+        diversity = Diversity()
+        diversity.update(torch.stack([run.tensor("counterfactual").float() for _, run, _, _ in group], dim=1))
+        value = _as_float(diversity.compute())
+        for name, *_ in group:
+            results[name]["overall"].update(value)
+            results[name]["overall"]["diversity_runs"] = len(group)
     table = [{"method": n, **{c: r["overall"].get(c, float("nan")) for c in TABLE_COLUMNS}} for n, r in results.items()]
     oracle_cols = sorted({k for r in results.values() for k in r["overall"] if k.startswith(("ota_", "os_"))} - {"ota_mean", "os_mean"})
     for row, r in zip(table, results.values()):
@@ -389,6 +416,12 @@ def run_evaluate(
         if isinstance(logger, WandbLogger):
             columns = list(table[0])
             logger.log_table(key="evaluate/comparison", columns=columns, data=[[row[c] for c in columns] for row in table])
+            for section in sections:
+                if section.grid_rows:
+                    q = torch.stack([r.query for r in section.grid_rows])
+                    c = torch.stack([r.counterfactual for r in section.grid_rows])
+                    grid = make_grid(comparison_rows(q, c), nrow=3, padding=2, pad_value=0.5)
+                    logger.log_image(key=f"evaluate/{section.name}", images=[grid])
     print(markdown_table(table))
     print(f"\nlit-cf evaluate: metrics in {out / 'metrics.json'}, report {report}")
     return out

@@ -22,13 +22,13 @@ DATA = [
 ]
 
 
-def explain(ckpt: Path, out: Path, method: str = "pixel") -> Path:
+def explain(ckpt: Path, out: Path, method: str = "pixel", *extra: str) -> Path:
     main(
         [
             "explain", *DATA, f"--config={CONFIGS / f'explain/{method}.yaml'}",
             "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={out.parent}", f"--classifier={ckpt}", f"--output_dir={out}",
-            "--num_queries=24", "--model.init_args.steps=20", "--model.init_args.lr=0.05",
+            "--num_queries=24", "--model.init_args.steps=20", "--model.init_args.lr=0.05", *extra,
         ]
     )
     return out
@@ -39,7 +39,11 @@ def setup(tmp_path_factory, cnn_ckpt, duq_ckpt):
     root = tmp_path_factory.mktemp("evaluate")
     oracle = fit_checkpoint(root / "oracle", "model/cnn.yaml", "--seed_everything=7")
     regressor = fit_checkpoint(root / "regressor", "model/factor_regressor.yaml")
-    runs = [explain(cnn_ckpt, root / "pixel"), explain(duq_ckpt, root / "deepinversion", "deepinversion")]
+    runs = [
+        explain(cnn_ckpt, root / "pixel"),
+        explain(duq_ckpt, root / "deepinversion", "deepinversion"),
+        explain(duq_ckpt, root / "deepinversion_seed1", "deepinversion", "--seed=1"),
+    ]
     return root, runs, oracle, regressor
 
 
@@ -57,7 +61,12 @@ def test_evaluate_writes_comparison_table_metrics_and_report(setup, cnn_ckpt, du
     out = tmp_path / "eval"
     main(evaluate_args(runs, out, oracle, cnn_ckpt, duq_ckpt, regressor=regressor))
     payload = json.loads((out / "metrics.json").read_text())
-    assert [row["method"] for row in payload["table"]] == ["pixel", "deepinversion"]
+    assert [row["method"] for row in payload["table"]] == ["pixel", "deepinversion", "deepinversion_seed1"]
+    # the two DeepInversion runs differ only in their seed: sigma_L is their pairwise distance
+    di = payload["runs"]["deepinversion"]["overall"]
+    cf0, cf1 = ExplainRun(runs[1]).tensor("counterfactual"), ExplainRun(runs[2]).tensor("counterfactual")
+    assert di["diversity_l1_mean"] == pytest.approx(float((cf0 - cf1).abs().flatten(1).mean(1).mean()), rel=1e-4)
+    assert "diversity_l1_mean" not in payload["runs"]["pixel"]["overall"]
     pixel = payload["runs"]["pixel"]["overall"]
     run = ExplainRun(runs[0])
     # validity agrees with the manifest, closeness with the stored tensors
