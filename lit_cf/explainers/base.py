@@ -73,6 +73,8 @@ class CounterfactualMethod(L.LightningModule):
         self.log_every = log_every
         self.classifier: ImageClassifier | None = None
         self._log_step = 0
+        # under DDP a rank may have no pending chunk (few chunks, or a resume near the end)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     # ----------------------------------------------------------------- wiring
     def attach(self, classifier: ImageClassifier) -> None:
@@ -169,14 +171,16 @@ class CounterfactualMethod(L.LightningModule):
                     for (name, latent), grad in zip(latents.items(), grads):
                         if grad is None:
                             continue
-                        mask = active.view(-1, *[1] * (latent.dim() - 1)).to(latent.dtype)
+                        keep = active.view(-1, *[1] * (latent.dim() - 1))
+                        # stopped images get exactly zero update (where, not a product: a NaN
+                        # gradient of a stopped image must not leak into its latent)
+                        grad = torch.where(keep, grad, torch.zeros_like(grad))
                         m, v = moments[name]
-                        m.mul_(1 - mask * (1 - b1)).add_(mask * (1 - b1) * grad)
-                        v.mul_(1 - mask * (1 - b2)).add_(mask * (1 - b2) * grad * grad)
-                        tt = t.clamp_min(1).view(mask.shape)
-                        m_hat = m / (1 - b1**tt)
-                        v_hat = v / (1 - b2**tt)
-                        latent.sub_(mask * self.lr * m_hat / (v_hat.sqrt() + eps))
+                        m.copy_(torch.where(keep, b1 * m + (1 - b1) * grad, m))
+                        v.copy_(torch.where(keep, b2 * v + (1 - b2) * grad * grad, v))
+                        tt = t.clamp_min(1).view(keep.shape)
+                        update = self.lr * (m / (1 - b1**tt)) / ((v / (1 - b2**tt)).sqrt() + eps)
+                        latent.sub_(torch.where(keep, update, torch.zeros_like(update)))
                     self.project(latents, batch)
             with torch.no_grad():
                 x_cf = self.render(latents, batch).detach()

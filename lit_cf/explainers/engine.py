@@ -228,6 +228,12 @@ def run_explain(
         raise UserError(f"select must be one of {list(SELECT)}, got {select!r}")
     if chunk_size < 1:
         raise UserError(f"chunk_size must be >= 1, got {chunk_size}")
+    limit = trainer.limit_predict_batches
+    if trainer.fast_dev_run or (limit is not None and (isinstance(limit, int) or limit < 1.0)):
+        raise UserError(
+            "explain runs every query: remove fast_dev_run / limit_predict_batches from the trainer settings "
+            "(select fewer queries with num_queries or indices instead)"
+        )
     rundir = RunDir(Path(output_dir))
     check_writable(rundir.root)
 
@@ -305,12 +311,14 @@ def run_explain(
     writer = ChunkWriter(rundir, records, chunk_size)
     trainer.callbacks.append(writer)
     # explain needs autograd inside predict_step, and ranks keep their own chunks (no DistributedSampler)
+    saved = trainer.predict_loop.inference_mode, trainer._accelerator_connector.use_distributed_sampler
     trainer.predict_loop.inference_mode = False
     trainer._accelerator_connector.use_distributed_sampler = False
     try:
         trainer.predict(method, dataloaders=loader, return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
+        trainer.predict_loop.inference_mode, trainer._accelerator_connector.use_distributed_sampler = saved
     trainer.strategy.barrier("explain-merge")
     if not trainer.is_global_zero:
         return rundir.root
@@ -329,7 +337,11 @@ def run_explain(
         if isinstance(logger, WandbLogger) and grids:
             from PIL import Image
 
-            logger.log_image(key="explain/grids", images=[Image.open(g) for g in grids])
+            images = []
+            for g in grids:
+                with Image.open(g) as im:
+                    images.append(im.copy())
+            logger.log_image(key="explain/grids", images=images)
             logger.log_metrics({"explain/success_rate": success})
     print(
         f"lit-cf explain: {len(rows)} counterfactuals in {rundir.root} (success {success:.1%}); "

@@ -40,7 +40,9 @@ def write_grids(rundir: Any, rows: list[dict[str, Any]], num_images: int, per_gr
     cache: dict[str, dict[str, Tensor]] = {}
     queries, cfs = [], []
     for r in chosen:
-        shard = cache.setdefault(r["shard"], load_file(str(rundir.shards / r["shard"])))
+        if r["shard"] not in cache:
+            cache[r["shard"]] = load_file(str(rundir.shards / r["shard"]))
+        shard = cache[r["shard"]]
         queries.append(shard["query"][r["row"]])
         cfs.append(shard["counterfactual"][r["row"]])
     q, c = torch.stack(queries).float(), torch.stack(cfs).float()

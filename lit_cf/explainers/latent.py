@@ -15,8 +15,10 @@ GAN fits through a small wrapper module whose ``decode`` is the generator ``G(w)
 (``encode`` is called with autograd enabled, so an inversion may take gradients inside; only
 its detached result is used). The generator is loaded lazily when the classifier is attached,
 frozen, kept in eval mode and registered as a submodule so Lightning moves it to the device.
-Its checkpoint is checked when the method is built (before ``lit-cf explain`` creates any
-output), and its SHA-256 enters the run's fingerprint.
+Its checkpoint is checked by :meth:`describe`, which ``lit-cf explain`` calls while planning
+the run, before it creates any output (a bad generator fails with a one-line error and leaves
+nothing behind), and again when it is loaded; its SHA-256 enters the run's fingerprint.
+Building the method does no file I/O.
 
 **Original prediction.** The engine's manifest fields ``orig_pred``/``orig_prob``/
 ``orig_target_prob`` (and the target rule) always come from the *query*. The optimisation
@@ -99,7 +101,7 @@ class _LatentMethod(CounterfactualMethod):
             raise ValueError(f"original_prediction must be one of {list(ORIGINAL_PREDICTION)}, got {original_prediction!r}")
         super().__init__(steps=steps, lr=lr, stop_probability=threshold, log_every=log_every)
         self.generator_path = str(generator)
-        self.generator_hparams = check_generator_checkpoint(self.generator_path)
+        self.generator_hparams: dict[str, Any] | None = None  # set by check()
         self.threshold = threshold
         self.original_prediction = original_prediction
         self.generator: L.LightningModule | None = None
@@ -107,7 +109,13 @@ class _LatentMethod(CounterfactualMethod):
         self._chunk: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------- wiring
+    def check(self) -> None:
+        """Check the input files (generator checkpoint, ...) without loading models; raises UserError."""
+        if self.generator_hparams is None:
+            self.generator_hparams = check_generator_checkpoint(self.generator_path)
+
     def attach(self, classifier: ImageClassifier) -> None:
+        self.check()
         super().attach(classifier)
         if self.generator is None:
             generator = load_module(self.generator_path, L.LightningModule)
@@ -119,6 +127,7 @@ class _LatentMethod(CounterfactualMethod):
         return super().frozen_modules() + ([self.generator] if self.generator is not None else [])
 
     def describe(self) -> dict[str, Any]:
+        self.check()  # explain plans the run with describe(): fail here, before any output exists
         return {**super().describe(), "generator_sha256": file_sha256(self.generator_path)}
 
     def _require_generator(self) -> L.LightningModule:
@@ -295,8 +304,6 @@ class LatentLinearEdit(_LatentMethod):
         original_prediction: str = "query",
         log_every: int = 10,
     ) -> None:
-        from lit_cf.attribution.predictors import LinearPredictors
-
         if sign not in (1, -1):
             raise ValueError(f"sign must be +1 or -1, got {sign}")
         if step_size <= 0:
@@ -304,30 +311,43 @@ class LatentLinearEdit(_LatentMethod):
         super().__init__(generator, steps, step_size, threshold, original_prediction, log_every)
         self.save_hyperparameters()
         self.direction_path, self.descriptor, self.sign = str(direction), descriptor, float(sign)
-        w = LinearPredictors.load(self.direction_path).direction(descriptor).float()
+        self.register_buffer("unit_direction", None, persistent=False)  # set by check()
+
+    def check(self) -> None:
+        super().check()
+        if self.unit_direction is not None:
+            return
+        from lit_cf.attribution.predictors import LinearPredictors
+
+        w = LinearPredictors.load(self.direction_path).direction(self.descriptor).float()
         norm = float(w.norm())
         if not norm > 0:
-            raise UserError(f"the direction of {descriptor!r} in {direction} is zero: refit the predictors")
-        latent_dim = self.generator_hparams.get("latent_dim")
+            raise UserError(f"the direction of {self.descriptor!r} in {self.direction_path} is zero: refit the predictors")
+        latent_dim = (self.generator_hparams or {}).get("latent_dim")
         if isinstance(latent_dim, int) and latent_dim != w.numel():
             raise UserError(
-                f"the direction in {direction} is {w.numel()}-d but the generator's latent is {latent_dim}-d: "
-                "fit the predictors on codes of this generator"
+                f"the direction in {self.direction_path} is {w.numel()}-d but the generator's latent is "
+                f"{latent_dim}-d: fit the predictors on codes of this generator"
             )
-        self.register_buffer("unit_direction", self.sign * w / norm, persistent=False)
+        self.unit_direction = self.sign * w / norm
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "direction_sha256": file_sha256(self.direction_path)}
 
+    def _direction(self) -> Tensor:
+        if self.unit_direction is None:
+            raise RuntimeError("no direction loaded: call attach(classifier) before explaining")
+        return self.unit_direction
+
     def _z(self, alpha: Tensor) -> Tensor:
         z0 = self._chunk["z0"]
-        return z0 + alpha.view(-1, *[1] * (z0.dim() - 1)) * self.unit_direction.view(1, *z0.shape[1:])
+        return z0 + alpha.view(-1, *[1] * (z0.dim() - 1)) * self._direction().view(1, *z0.shape[1:]).to(z0.device)
 
     def init_latents(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         z0 = self._start(batch)
-        if z0[0].numel() != self.unit_direction.numel():
+        if z0[0].numel() != self._direction().numel():
             raise UserError(
-                f"the direction is {self.unit_direction.numel()}-d but the generator's codes are "
+                f"the direction is {self._direction().numel()}-d but the generator's codes are "
                 f"{z0[0].numel()}-d: fit the predictors on codes of this generator"
             )
         return {"alpha": torch.zeros(len(z0), 1, device=z0.device)}

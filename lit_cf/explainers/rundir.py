@@ -73,6 +73,15 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+PLAN_KEYS = ("record", "index", "source_label", "orig_pred", "target", "seed")
+
+
+def plan_fingerprint(plan: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """Hash of what defines a run: settings and the discrete records (not model-computed floats,
+    which may differ in the last bits across devices, ranks or library versions)."""
+    return fingerprint({"plan": plan, "records": [[r[k] for k in PLAN_KEYS] for r in records]})
+
+
 def check_writable(output_dir: Path) -> None:
     """Fail early, before any work, if ``output_dir`` cannot be created or written."""
     probe_parent = output_dir
@@ -82,7 +91,8 @@ def check_writable(output_dir: Path) -> None:
         raise UserError(f"output directory {output_dir}: {probe_parent} exists and is not a directory")
     if not os.access(probe_parent, os.W_OK | os.X_OK):
         raise UserError(f"output directory {output_dir} is not writable ({probe_parent} denies writing); choose another")
-    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "run.json").exists():
+    lit_cf_files = {"run.json", "config.yaml", "records.jsonl", "manifest.jsonl", "shards", "grids"}
+    if output_dir.exists() and any(p.name not in lit_cf_files and not p.name.endswith(".tmp") for p in output_dir.iterdir()):
         raise UserError(
             f"output directory {output_dir} is not empty and holds no lit-cf explain run: choose an empty or new folder"
         )
@@ -113,11 +123,12 @@ class RunDir:
         return bool(meta and meta.get("status") == "complete" and (self.root / "manifest.jsonl").exists())
 
     def clear(self) -> None:
-        """Remove the files lit-cf wrote here (for an explicit overwrite)."""
-        for name in ("run.json", "config.yaml", "records.jsonl", "manifest.jsonl"):
+        """Remove the files lit-cf wrote here (for an explicit overwrite); ``run.json`` goes last."""
+        for name in ("manifest.jsonl", "config.yaml", "records.jsonl"):
             (self.root / name).unlink(missing_ok=True)
         for folder in (self.shards, self.root / "grids"):
             shutil.rmtree(folder, ignore_errors=True)
+        (self.root / "run.json").unlink(missing_ok=True)
 
     def state(self, plan: dict[str, Any], records: list[dict[str, Any]], overwrite: bool) -> str:
         """``"new"``, ``"resume"`` or ``"complete"`` for this plan, without changing anything.
@@ -127,7 +138,7 @@ class RunDir:
         meta = self.read_meta()
         if meta is None or overwrite:
             return "new"
-        if meta.get("fingerprint") != fingerprint({"plan": plan, "records": records}):
+        if meta.get("fingerprint") != plan_fingerprint(plan, records):
             raise UserError(
                 f"{self.root} holds a different explain run (other method, classifier, data, targets or seed); "
                 "use a new output_dir, or pass overwrite: true to replace it"
@@ -142,14 +153,16 @@ class RunDir:
             return state
         if state == "resume":
             self.cleanup_partial()
+            if not (self.root / "records.jsonl").exists():
+                atomic_write_text(self.root / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             return state
         if self.read_meta() is not None:  # overwrite requested
             self.clear()
-        digest = fingerprint({"plan": plan, "records": records})
         self.root.mkdir(parents=True, exist_ok=True)
+        # run.json first: a run killed at any later point is recognised and resumed
+        self.write_meta({"version": PLAN_VERSION, "status": "running", "fingerprint": plan_fingerprint(plan, records), **plan})
         self.shards.mkdir(exist_ok=True)
         atomic_write_text(self.root / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        self.write_meta({"version": PLAN_VERSION, "status": "running", "fingerprint": digest, **plan})
         return "new"
 
     def cleanup_partial(self) -> None:
@@ -157,7 +170,7 @@ class RunDir:
         self.shards.mkdir(exist_ok=True)
         for tmp in self.shards.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-        for tmp in self.root.glob(".*.tmp"):
+        for tmp in [*self.root.glob(".*.tmp"), *self.root.glob("grids/.*.tmp")]:
             tmp.unlink(missing_ok=True)
         for tensors in self.shards.glob("chunk-*.safetensors"):
             if not tensors.with_suffix(".jsonl").exists():
@@ -183,7 +196,10 @@ class RunDir:
                 rows.setdefault(row["record"], row)
         missing = sorted(set(range(num_records)) - rows.keys())
         if missing:
-            raise RuntimeError(f"explain finished with {len(missing)} records missing (e.g. {missing[:5]}); re-run to resume")
+            raise UserError(
+                f"{len(missing)} records were not explained (e.g. {missing[:5]}): the run stopped early; "
+                "re-run the same command to resume"
+            )
         ordered = [rows[r] for r in range(num_records)]
         atomic_write_text(self.root / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in ordered))
         return ordered
@@ -212,6 +228,7 @@ class ExplainRun:
         self.manifest: list[dict[str, Any]] = [
             json.loads(line) for line in (self.dir.root / "manifest.jsonl").read_text().splitlines()
         ]
+        self._cache: dict[str, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -222,8 +239,11 @@ class ExplainRun:
 
     def tensor(self, key: str) -> Tensor:
         """Stack tensor ``key`` (e.g. ``counterfactual``, ``query``) over all records, in record order."""
+        if key in self._cache:
+            return self._cache[key]
         loaded = {name: shard for name, shard in self._shards()}
         missing = [n for n, s in loaded.items() if key not in s]
         if missing:
             raise UserError(f"{self.dir.root}: shards {missing[:3]} have no tensor {key!r}")
-        return torch.stack([loaded[r["shard"]][key][r["row"]] for r in self.manifest])
+        self._cache[key] = torch.stack([loaded[r["shard"]][key][r["row"]] for r in self.manifest])
+        return self._cache[key]

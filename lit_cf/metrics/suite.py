@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -144,7 +145,8 @@ def evaluate_run(
         overall["duq"] = DUQCertainty(duq)
     overall["cout"] = COUT(classifier, steps=cout_steps)
     desc = _descriptor_setup(descriptors, datamodule, run) if descriptors is not None else None
-    if desc is not None:
+    if desc is not None and descriptors.key == "attributes":
+        # MNAC/CD count binary attribute flips; continuous factors get ground-truth scores instead
         overall["mnac"] = MNAC(target_attribute=desc["target_index"])
         if desc["data_correlation"] is not None:
             overall["cd"] = CorrelationDifference(desc["target_index"], desc["data_correlation"])
@@ -164,7 +166,8 @@ def evaluate_run(
             oracle_preds = {o: model(x_cf).argmax(-1) for o, (model, _) in oracles.items()}
         batch_metrics = [overall]
         for s, t in {(int(a), int(b)) for a, b in zip(source.tolist(), target.tolist())}:
-            pairs.setdefault((s, t), metric_set())
+            if (s, t) not in pairs:
+                pairs[(s, t)] = {k: m.to(device) for k, m in metric_set().items()}
         for key_pair, ms in pairs.items():
             mask = (source == key_pair[0]) & (target == key_pair[1])
             if mask.any():
@@ -181,7 +184,8 @@ def evaluate_run(
         if desc is not None:
             with torch.no_grad():
                 d_q, d_cf = descriptors.predict_descriptors(x), descriptors.predict_descriptors(x_cf)
-            overall["mnac"].update(d_q, d_cf)
+            if "mnac" in overall:
+                overall["mnac"].update(d_q, d_cf)
             if "cd" in overall:
                 overall["cd"].update(d_q, d_cf)
             if desc["true_factors"] is not None:
@@ -189,16 +193,15 @@ def evaluate_run(
                 gt_error.append((d_q.cpu() - desc["true_factors"][sl]).abs())
         correct = source == label_all[sl].to(device)  # COUT is defined on correctly classified queries
         overall["cout"].update(x, x_cf, target, source, mask=correct)
-        for i in range(len(x)):
-            records.append(
-                {
-                    "record": start + i,
-                    "valid": bool(preds[i] == target[i]),
-                    "target_conf": float(probs[i, target[i]]),
-                    "l1": float((x_cf[i] - x[i]).abs().sum()),
-                    "l2": float((x_cf[i] - x[i]).pow(2).sum().sqrt()),
-                }
-            )
+        delta = (x_cf - x).flatten(1)
+        per_record = zip(
+            (preds == target).tolist(),
+            probs.gather(1, target[:, None]).squeeze(1).tolist(),
+            delta.abs().sum(1).tolist(),
+            delta.norm(dim=1).tolist(),
+        )
+        for i, (valid, conf, l1, l2) in enumerate(per_record):
+            records.append({"record": start + i, "valid": valid, "target_conf": conf, "l1": l1, "l2": l2})
 
     result = {"overall": _summarise(overall, oracles, classifier_sha), "per_pair": {}, "records": records}
     if gt_change:
@@ -275,11 +278,15 @@ def _descriptor_setup(predictor: DescriptorPredictor, datamodule, run: ExplainRu
     data_correlation = None
     if target_index is not None:
         train = datamodule.dataset("train")
-        attributes = getattr(getattr(train, "dataset", train), "attributes", None)
-        if attributes is not None:
+        base = getattr(train, "dataset", train)
+        attributes = getattr(base, "attributes", None)
+        data_names = list(getattr(base, "attribute_names", []) or [])
+        if attributes is not None and set(names) <= set(data_names):
             from lit_cf.metrics.descriptors import attribute_correlation
 
-            data_correlation = attribute_correlation(attributes.float(), target_index)
+            # columns matched by name: the predictor's order need not be the data's
+            columns = attributes.float()[:, [data_names.index(n) for n in names]]
+            data_correlation = attribute_correlation(columns, target_index)
     true_factors = None
     if predictor.key == "factors":
         from lit_cf.data.rendered import normalize_factors
@@ -288,7 +295,13 @@ def _descriptor_setup(predictor: DescriptorPredictor, datamodule, run: ExplainRu
         sample = data[run.manifest[0]["index"]]
         if "factors" not in sample:
             raise UserError("the descriptor predictor regresses factors, but the data has none (use the rendered digits)")
-        true_factors = normalize_factors(torch.stack([data[r["index"]]["factors"] for r in run.manifest]).float())
+        base = getattr(data, "dataset", data)
+        table = getattr(base, "factors", None)  # rendered digits keep all factors in one tensor
+        if table is not None and len(base) == len(data):
+            raw = table[torch.tensor([r["index"] for r in run.manifest])]
+        else:
+            raw = torch.stack([data[r["index"]]["factors"] for r in run.manifest])
+        true_factors = normalize_factors(raw.float())
     return {"target_index": target_index, "data_correlation": data_correlation, "true_factors": true_factors}
 
 
@@ -316,7 +329,7 @@ def _ground_truth(change: Tensor, error: Tensor, names: list[str]) -> dict[str, 
 TABLE_COLUMNS = (
     "n", "flip_rate", "tconf_mean", "oa", "ota_mean", "os_mean", "l1_mean", "l1.5_mean", "l2_mean",
     "perceptual_domain_mean", "fid_domain", "sfid_domain", "duq_certainty_cf_mean", "cout_mean",
-    "mnac_mean", "cd", "gt_nuisance_change", "gt_style_change", "diversity_l1_mean",
+    "mnac_mean", "cd", "gt_nuisance_change", "gt_style_change", "diversity_perceptual_domain_mean", "diversity_l1_mean",
     "seconds_per_cf_mean", "steps_mean",
 )
 
@@ -333,28 +346,39 @@ def run_evaluate(
     classifier: str | None = None,
     names: list[str] | None = None,
     batch_size: int = 256,
-    cout_steps: int = 20,
+    cout_steps: int = 50,
     num_grid_images: int = 8,
     overwrite: bool = False,
     config_yaml: str | None = None,
 ) -> Path:
     """See :meth:`lit_cf.trainer.LitCFTrainer.evaluate`."""
-    from lit_cf.report import GridRow, ReportSection, markdown_table, write_report
+    from lit_cf.report import GridRow, ReportSection, markdown_table
+    from lit_cf.report.html import render_report
 
     if not runs:
         raise UserError("evaluate needs at least one explain run directory (--runs)")
     if names is not None and len(names) != len(runs):
         raise UserError(f"names has {len(names)} entries for {len(runs)} runs")
+    run_names = list(names) if names else [Path(r).name for r in runs]
+    if len(set(run_names)) != len(run_names):
+        raise UserError(f"run names must be unique, got {run_names}: pass names: [...] to tell the runs apart")
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} is not empty: choose a new output_dir or pass overwrite: true")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"output directory {out}: {probe} exists and is not a directory")
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"output directory {out} is not writable")
     device = trainer.strategy.root_device
     loaded = []
     for i, path in enumerate(runs):
         run = ExplainRun(path)
         for pos, r in enumerate(run.manifest):
             r["row_in_run"] = pos
-        name = names[i] if names else Path(path).name
+        name = run_names[i]
         ckpt = classifier or run.meta.get("classifier", {}).get("path")
         if not ckpt or not Path(ckpt).is_file():
             raise UserError(f"run {name}: its classifier checkpoint {ckpt} is missing; pass --classifier")
@@ -364,6 +388,10 @@ def run_evaluate(
         _check_run_against_data(run, datamodule, name)
         loaded.append((name, run, ckpt, sha))
     oracle_models = {o: (_load_classifier(p, device), file_sha256(p)) for o, p in (oracles or {}).items()}
+    classes = getattr(datamodule, "num_classes", None)
+    for o, (m, _) in oracle_models.items():
+        if classes and m.num_classes != classes:
+            raise UserError(f"oracle {o} has {m.num_classes} classes, the data has {classes}")
     feature_net = _load_classifier(feature_network, device) if feature_network else None
     duq_model = _load_classifier(duq, device, DUQClassifier) if duq else None
     descriptor_model = freeze(load_module(descriptors, DescriptorPredictor)).to(device) if descriptors else None
@@ -380,7 +408,11 @@ def run_evaluate(
         results[name] = res
         sections.append(_section(name, run, res, num_grid_images, GridRow, ReportSection))
     for group in _seed_groups(loaded):
-        diversity = Diversity()
+        diversity = (
+            Diversity(feature_extractor=_Normalized(feature_net), layers=perceptual_layers(feature_net))
+            if feature_net is not None
+            else Diversity()
+        )
         diversity.update(torch.stack([run.tensor("counterfactual").float() for _, run, _, _ in group], dim=1))
         value = _as_float(diversity.compute())
         for name, *_ in group:
@@ -406,12 +438,14 @@ def run_evaluate(
         "table": table,
         "runs": {n: {k: v for k, v in r.items() if k != "records"} for n, r in results.items()},
     }
+    html = render_report("lit-cf counterfactual evaluation", table, sections, meta)  # before any file
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, default=float))
     atomic_write_text(out / "metrics.md", markdown_table(table) + "\n")
     if config_yaml:
         atomic_write_text(out / "config.yaml", config_yaml)
-    report = write_report(out / "report.html", "lit-cf counterfactual evaluation", table, sections, meta)
+    report = out / "report.html"
+    atomic_write_text(report, html)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             columns = list(table[0])

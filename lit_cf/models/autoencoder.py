@@ -163,6 +163,7 @@ class VAE(AutoEncoder):
         mu, logvar = self.posterior(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         recon = self.decode(z)
-        rec = F.binary_cross_entropy(recon, x, reduction="sum") / len(x)
+        with torch.autocast(device_type=recon.device.type, enabled=False):  # BCE is not autocast-safe
+            rec = F.binary_cross_entropy(recon.float(), x.float(), reduction="sum") / len(x)
         kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum() / len(x)
         return {"loss": rec + self.beta * kl, "recon": rec, "kl": kl, "mse": F.mse_loss(recon, x)}

@@ -15,6 +15,11 @@ from torchmetrics.classification import BinaryAUROC
 from lit_cf.models.base import ImageClassifier
 
 
+def log_rbf_kernel(z: torch.Tensor, centroids: torch.Tensor, length_scale: float) -> torch.Tensor:
+    """``log K_c``, exact (no clamping), so gradients survive where ``K_c`` underflows."""
+    return -((z - centroids.unsqueeze(0)) ** 2).mean(1) / (2 * length_scale**2)
+
+
 def rbf_kernel(z: torch.Tensor, centroids: torch.Tensor, length_scale: float) -> torch.Tensor:
     """DUQ kernel values ``K_c = exp(-mean_n (z_nc - e_nc)^2 / (2 sigma^2))``.
 
@@ -26,7 +31,7 @@ def rbf_kernel(z: torch.Tensor, centroids: torch.Tensor, length_scale: float) ->
     Returns:
         Kernel values ``[B, C]`` in ``(0, 1]``.
     """
-    return torch.exp(-((z - centroids.unsqueeze(0)) ** 2).mean(1) / (2 * length_scale**2))
+    return log_rbf_kernel(z, centroids, length_scale).exp()
 
 
 def gradient_penalty(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -130,19 +135,26 @@ class DUQClassifier(ImageClassifier):
         return self.kernel(x).amax(-1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel_normalized(x).clamp_min(1e-30).log()
+        # the exact log-kernel: counterfactual losses on DUQ models keep their gradient even
+        # for classes whose kernel value underflows
+        return log_rbf_kernel(self.embed(self.backbone(x)), self.centroids, self.length_scale)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.kernel(x)
-        return k / k.sum(-1, keepdim=True).clamp_min(1e-30)
+        """``K / sum K``, computed as a softmax of the log-kernel (stable when all K underflow)."""
+        return self(x).softmax(-1)
 
     # ----------------------------------------------------------------- training
     @torch.no_grad()
     def update_centroids(self, z: torch.Tensor, y: torch.Tensor) -> None:
         """EMA update of ``N`` and ``m`` from embeddings ``z`` ``[B, n, C]`` and labels ``y``."""
         onehot = F.one_hot(y, self.num_classes).to(z.dtype)
-        self.N.mul_(self.gamma).add_((1 - self.gamma) * onehot.sum(0))
-        self.m.mul_(self.gamma).add_((1 - self.gamma) * torch.einsum("bnc,bc->nc", z, onehot))
+        counts, sums = onehot.sum(0), torch.einsum("bnc,bc->nc", z, onehot)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank's batch counts (DDP would otherwise keep rank 0's buffers only)
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(sums)
+        self.N.mul_(self.gamma).add_((1 - self.gamma) * counts)
+        self.m.mul_(self.gamma).add_((1 - self.gamma) * sums)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         y = batch["label"]
@@ -150,8 +162,9 @@ class DUQClassifier(ImageClassifier):
         if self.gp_weight > 0:
             x = x.detach().requires_grad_(True)
         z = self.embed(self.backbone(x))
-        k = rbf_kernel(z, self.centroids, self.length_scale)
-        bce = F.binary_cross_entropy(k, F.one_hot(y, self.num_classes).to(k.dtype))
+        k = rbf_kernel(z.float(), self.centroids, self.length_scale)
+        with torch.autocast(device_type=k.device.type, enabled=False):  # BCE is not autocast-safe
+            bce = F.binary_cross_entropy(k, F.one_hot(y, self.num_classes).float())
         loss = bce
         if self.gp_weight > 0:
             gp = gradient_penalty(x, k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +62,12 @@ def load_module(path: str | Path, expected: type[M], map_location: str | torch.d
             "Re-train with the CLI or save with LightningCLI."
         )
     module_name, _, cls_name = class_path.rpartition(".")
+    if module_name not in sys.modules and not module_name.startswith("lit_cf."):
+        # importing runs module code: only lit-cf's own modules, or ones already imported
+        raise CheckpointError(
+            f"{path} names class {class_path!r} from a module that is not part of lit-cf and not imported; "
+            "import it yourself first if you trust this checkpoint"
+        )
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as err:
@@ -73,4 +80,6 @@ def load_module(path: str | Path, expected: type[M], map_location: str | torch.d
         model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"weights in {path} do not match the architecture {class_path}: {err}") from err
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"cannot rebuild {class_path} from {path}: {err}") from err
     return model
