@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=256)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--train-limit", type=int, default=None, help="train every model on the first N images only")
     args = parser.parse_args()
     out = Path(args.out or f"runs/battery-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists():
@@ -66,8 +67,9 @@ def main() -> None:
     ckpt = {}
     for name, (cfg, epochs, seed) in models.items():
         folder = out / "models" / name
+        limit = [f"--data.init_args.limit={args.train_limit}"] if args.train_limit else []
         lit_cf(
-            "fit", *data, f"--config={C / cfg}", *common, f"--seed_everything={seed}",
+            "fit", *data, f"--config={C / cfg}", *common, *limit, f"--seed_everything={seed}",
             f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={folder}",
             "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder}",
             "--trainer.callbacks.filename=last",
