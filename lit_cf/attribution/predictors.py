@@ -150,7 +150,8 @@ class LinearPredictors:
 
     def to(self, device: torch.device | str) -> LinearPredictors:
         return LinearPredictors(
-            self.weight.to(device), self.bias.to(device), self.mean.to(device), self.std.to(device), self.names, self.kinds
+            self.weight.to(device), self.bias.to(device), self.mean.to(device), self.std.to(device),
+            self.names, self.kinds,
         )
 
     # ----------------------------------------------------------------- files
@@ -209,8 +210,8 @@ def _logistic_newton(x: Tensor, y: Tensor, l2: float, steps: int, tol: float) ->
     """Batched Newton (IRLS) for ``A`` independent L2-regularised logistic regressions.
 
     Minimises ``mean BCE(x w_a + b_a, y_a) + l2 |w_a|^2`` per column; the bias is not
-    regularised. Each column gets its own ``[d+1, d+1]`` Hessian, so the fits are exact and
-    do not interact.
+    regularised. Each column gets its own ``[d+1, d+1]`` Hessian and its own step length
+    (halved until its objective does not increase), so the fits do not interact.
     """
     n, d = x.shape
     a = y.shape[1]
@@ -218,14 +219,28 @@ def _logistic_newton(x: Tensor, y: Tensor, l2: float, steps: int, tol: float) ->
     theta = torch.zeros(d + 1, a, dtype=x.dtype, device=x.device)
     reg = torch.full((d + 1,), 2 * l2, dtype=x.dtype, device=x.device)
     reg[-1] = 1e-10  # bias: unregularised (a tiny ridge keeps an all-0/all-1 column solvable)
+
+    def objective(th: Tensor) -> Tensor:  # [a]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(xb @ th, y, reduction="none").mean(0)
+        return bce + 0.5 * (reg[:, None] * th * th).sum(0)
+
+    loss = objective(theta)
     for _ in range(steps):
         p = (xb @ theta).sigmoid()  # [n, a]
         grad = xb.T @ (p - y) / n + reg[:, None] * theta  # [d+1, a]
         wts = (p * (1 - p)).T  # [a, n]
         hess = torch.einsum("an,ni,nj->aij", wts, xb, xb) / n + torch.diag(reg)  # [a, d+1, d+1]
         delta = torch.linalg.solve(hess, grad.T.unsqueeze(-1)).squeeze(-1).T  # [d+1, a]
-        theta = theta - delta
-        if float(delta.abs().max()) < tol:
+        # damped: halve a column's step until its objective does not increase (separable data)
+        t = torch.ones(a, dtype=x.dtype, device=x.device)
+        for _ in range(30):
+            new_loss = objective(theta - t * delta)
+            worse = new_loss > loss + 1e-12
+            if not worse.any():
+                break
+            t = torch.where(worse, t / 2, t)
+        theta, loss = theta - t * delta, objective(theta - t * delta)
+        if float((t * delta).abs().max()) < tol:
             break
     return theta[:-1], theta[-1]
 
@@ -285,7 +300,8 @@ def fit_linear_predictors(
     _check_kinds(kinds)
     if y.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] != len(kinds):
         raise ValueError(
-            f"expected targets [N={x.shape[0]}, A={len(kinds)}], got {tuple(targets.shape)} for features {tuple(features.shape)}"
+            f"expected targets [N={x.shape[0]}, A={len(kinds)}], got {tuple(targets.shape)} "
+            f"for features {tuple(features.shape)}"
         )
     if x.shape[0] < 2:
         raise ValueError("need at least 2 samples to fit predictors")
@@ -335,7 +351,9 @@ def encode_dataset(
     wrapper); it is put in eval mode. Returns ``[N, *latent_shape]``.
     """
     if not callable(getattr(generator, "encode", None)):
-        raise UserError(f"{type(generator).__name__} has no encode(x) method: pass an autoencoder or an inversion wrapper")
+        raise UserError(
+            f"{type(generator).__name__} has no encode(x) method: pass an autoencoder or an inversion wrapper"
+        )
     device = torch.device(device) if device is not None else next(generator.parameters(), torch.empty(0)).device
     generator.eval()
     out = [generator.encode(batch["image"].to(device)).float().cpu() for batch in _image_loader(dataset, batch_size)]

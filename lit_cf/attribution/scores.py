@@ -235,7 +235,9 @@ def attribute_run(
     elif callable(predictor_fn):
         fn, dev = predictor_fn, torch.device(device) if device is not None else None
     else:
-        raise TypeError(f"predictor_fn must be LinearPredictors, a descriptor model or a callable, got {type(predictor_fn)}")
+        raise TypeError(
+            f"predictor_fn must be LinearPredictors, a descriptor model or a callable, got {type(predictor_fn)}"
+        )
 
     keys = ("latent_init", "latent") if inputs == "latent" else ("query", "counterfactual")
     if inputs == "latent" and not _has_tensor(run, "latent"):

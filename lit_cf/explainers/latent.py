@@ -13,7 +13,9 @@ by ``lit-cf fit``, loaded safely with :func:`lit_cf.utils.checkpoint.load_module
 GAN fits through a small wrapper module whose ``decode`` is the generator ``G(w)`` and whose
 ``encode`` is a GAN inversion: an encoder network, or an optimisation that reconstructs ``x``
 (``encode`` is called with autograd enabled, so an inversion may take gradients inside; only
-its detached result is used). The generator is loaded lazily when the classifier is attached,
+its detached result is used). As for every checkpoint lit-cf loads, the class must live in
+``lit_cf`` or in a module already imported (importing a module named by a file runs its
+code). The generator is loaded lazily when the classifier is attached,
 frozen, kept in eval mode and registered as a submodule so Lightning moves it to the device.
 Its checkpoint is checked by :meth:`describe`, which ``lit-cf explain`` calls while planning
 the run, before it creates any output (a bad generator fails with a one-line error and leaves
@@ -36,6 +38,7 @@ threshold stops at step 0. Read ``recon_*`` instead of ``orig_*`` for such runs.
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +71,16 @@ def check_generator_checkpoint(path: str | Path) -> dict[str, Any]:
     hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
     class_path = hparams.get("_class_path")
     if not class_path:
-        raise CheckpointError(f"{path} does not record its model class (`_class_path`): train the generator with lit-cf fit")
+        raise CheckpointError(
+            f"{path} does not record its model class (`_class_path`): train the generator with lit-cf fit"
+        )
     module_name, _, cls_name = class_path.rpartition(".")
+    if module_name not in sys.modules and not module_name.startswith("lit_cf."):
+        # the policy of load_module: importing runs code, so only lit-cf's or already imported modules
+        raise CheckpointError(
+            f"the generator {path} names class {class_path!r} from a module that is not part of lit-cf and not "
+            "imported; import it yourself first if you trust this checkpoint"
+        )
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError, ValueError) as err:
@@ -98,7 +109,9 @@ class _LatentMethod(CounterfactualMethod):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         if original_prediction not in ORIGINAL_PREDICTION:
-            raise ValueError(f"original_prediction must be one of {list(ORIGINAL_PREDICTION)}, got {original_prediction!r}")
+            raise ValueError(
+                f"original_prediction must be one of {list(ORIGINAL_PREDICTION)}, got {original_prediction!r}"
+            )
         super().__init__(steps=steps, lr=lr, stop_probability=threshold, log_every=log_every)
         self.generator_path = str(generator)
         self.generator_hparams: dict[str, Any] | None = None  # set by check()
@@ -322,7 +335,9 @@ class LatentLinearEdit(_LatentMethod):
         w = LinearPredictors.load(self.direction_path).direction(self.descriptor).float()
         norm = float(w.norm())
         if not norm > 0:
-            raise UserError(f"the direction of {self.descriptor!r} in {self.direction_path} is zero: refit the predictors")
+            raise UserError(
+                f"the direction of {self.descriptor!r} in {self.direction_path} is zero: refit the predictors"
+            )
         latent_dim = (self.generator_hparams or {}).get("latent_dim")
         if isinstance(latent_dim, int) and latent_dim != w.numel():
             raise UserError(

@@ -154,6 +154,8 @@ def evaluate_run(
         m.to(device)
     gt_change: list[Tensor] = []
     gt_error: list[Tensor] = []
+    desc_q_all: list[Tensor] = []
+    desc_cf_all: list[Tensor] = []
     pairs: dict[tuple[int, int], dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     for start in range(0, len(cf_all), batch_size):
@@ -184,6 +186,8 @@ def evaluate_run(
         if desc is not None:
             with torch.no_grad():
                 d_q, d_cf = descriptors.predict_descriptors(x), descriptors.predict_descriptors(x_cf)
+            desc_q_all.append(d_q.cpu())
+            desc_cf_all.append(d_cf.cpu())
             if "mnac" in overall:
                 overall["mnac"].update(d_q, d_cf)
             if "cd" in overall:
@@ -206,6 +210,8 @@ def evaluate_run(
     result = {"overall": _summarise(overall, oracles, classifier_sha), "per_pair": {}, "records": records}
     if gt_change:
         result["overall"].update(_ground_truth(torch.cat(gt_change), torch.cat(gt_error), descriptors.names))
+    if desc_q_all:
+        result.update(_attributions(torch.cat(desc_q_all), torch.cat(desc_cf_all), target_all, list(descriptors.names)))
     for (s, t), ms in sorted(pairs.items()):
         result["per_pair"][f"{s}->{t}"] = {"n": int(((source_all == s) & (target_all == t)).sum()), **_summarise(ms, oracles, classifier_sha)}
     seconds = [r.get("seconds", float("nan")) for r in run.manifest]
@@ -303,6 +309,22 @@ def _descriptor_setup(predictor: DescriptorPredictor, datamodule, run: ExplainRu
             raw = torch.stack([data[r["index"]]["factors"] for r in run.manifest])
         true_factors = normalize_factors(raw.float())
     return {"target_index": target_index, "data_correlation": data_correlation, "true_factors": true_factors}
+
+
+def _attributions(desc_q: Tensor, desc_cf: Tensor, target: Tensor, names: list[str]) -> dict[str, Any]:
+    """Local (top-3 per record) and global (overall and per target class) descriptor attributions.
+
+    s_j = P_j(counterfactual) - P_j(query); every counterfactual moves towards its target, so
+    the global score is the mean s_j with sign +1, with bootstrap 95% intervals.
+    """
+    from lit_cf.attribution.scores import global_attribution, local_attributions
+
+    per_class = global_attribution(desc_q, desc_cf, None, names, group=target)
+    return {
+        "local_attributions": local_attributions(desc_q, desc_cf, names, k=3),
+        "global_attributions": global_attribution(desc_q, desc_cf, None, names),
+        "global_attributions_by_target": {str(int(c)): r for c, r in per_class.items()},
+    }
 
 
 def _ground_truth(change: Tensor, error: Tensor, names: list[str]) -> dict[str, float]:
@@ -436,7 +458,7 @@ def run_evaluate(
     payload = {
         "meta": meta,
         "table": table,
-        "runs": {n: {k: v for k, v in r.items() if k != "records"} for n, r in results.items()},
+        "runs": {n: {k: v for k, v in r.items() if k not in ("records", "local_attributions")} for n, r in results.items()},
     }
     html = render_report("lit-cf counterfactual evaluation", table, sections, meta)  # before any file
     out.mkdir(parents=True, exist_ok=True)
@@ -450,6 +472,12 @@ def run_evaluate(
         if isinstance(logger, WandbLogger):
             columns = list(table[0])
             logger.log_table(key="evaluate/comparison", columns=columns, data=[[row[c] for c in columns] for row in table])
+            for rname, r in results.items():
+                if "global_attributions" in r:
+                    logger.log_table(
+                        key=f"evaluate/{rname}/global_attributions", columns=["descriptor", "score", "ci_low", "ci_high"],
+                        data=[list(x) for x in r["global_attributions"]],
+                    )
             for section in sections:
                 if section.grid_rows:
                     q = torch.stack([r.query for r in section.grid_rows])
@@ -467,9 +495,11 @@ def _section(name: str, run: ExplainRun, res: dict[str, Any], k: int, GridRow, R
 
     def row(i: int, why: str):
         r = run.manifest[i]
+        local = res.get("local_attributions")
         return GridRow(
             query=query[i].float(), counterfactual=cf[i].float(),
             caption=f"#{r['index']} {r['orig_pred']}->{r['target']}: {why}",
+            attributions=[(n, float(v)) for n, v in local[i]] if local else None,
         )
 
     valid = [r for r in recs if r["valid"]]
@@ -482,5 +512,5 @@ def _section(name: str, run: ExplainRun, res: dict[str, Any], k: int, GridRow, R
         best=[row(r["record"], f"valid, smallest L2 {r['l2']:.2f}") for r in best],
         worst=[row(r["record"], f"{'valid' if r['valid'] else 'invalid'}, target p={r['target_conf']:.2f}") for r in worst],
         per_pair=per_pair,
-        global_attributions=None,
+        global_attributions=[tuple(x) for x in res["global_attributions"]] if "global_attributions" in res else None,
     )

@@ -79,12 +79,16 @@ def test_evaluate_writes_comparison_table_metrics_and_report(setup, cnn_ckpt, du
     # the explained classifier as its own oracle is masked, the independent one is scored
     assert math.isnan(pixel["ota_self"]) and 0.0 <= pixel["ota_oracle"] <= 1.0
     for key in ("fid_domain", "sfid_domain", "perceptual_domain_mean", "duq_certainty_cf_mean", "cout_mean",
-                "seconds_per_cf_mean", "l1.5_mean", "mnac_mean", "gt_nuisance_change", "gt_change_mark",
-                "gt_error_mark"):
+                "seconds_per_cf_mean", "l1.5_mean", "gt_nuisance_change", "gt_change_mark", "gt_error_mark"):
         assert key in pixel and not math.isnan(pixel[key]), key
+    assert "mnac_mean" not in pixel  # MNAC counts binary attribute flips, not continuous factors
     pairs = payload["runs"]["pixel"]["per_pair"]
     assert sum(v["n"] for v in pairs.values()) == len(run)
     assert all(re.fullmatch(r"\d->\d", k) for k in pairs)
+    # descriptor attributions: global ranking over the 7 factors with intervals, and per target
+    ranking = payload["runs"]["pixel"]["global_attributions"]
+    assert len(ranking) == 7 and all(lo <= score <= hi for _, score, lo, hi in ranking)
+    assert set(payload["runs"]["pixel"]["global_attributions_by_target"]) == {str(r["target"]) for r in run.manifest}
     md = (out / "metrics.md").read_text()
     assert md.count("\n") >= 3 and "fid_domain" in md
     html = (out / "report.html").read_text()
