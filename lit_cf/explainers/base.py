@@ -167,20 +167,29 @@ class CounterfactualMethod(L.LightningModule):
                 self._log(terms, target_prob, active)
                 grads = torch.autograd.grad(total.sum(), list(latents.values()), allow_unused=True)
                 t = t + active.float()
+                all_active = bool(active.all())
                 with torch.no_grad():
                     for (name, latent), grad in zip(latents.items(), grads):
                         if grad is None:
                             continue
                         keep = active.view(-1, *[1] * (latent.dim() - 1))
-                        # stopped images get exactly zero update (where, not a product: a NaN
-                        # gradient of a stopped image must not leak into its latent)
-                        grad = torch.where(keep, grad, torch.zeros_like(grad))
                         m, v = moments[name]
-                        m.copy_(torch.where(keep, b1 * m + (1 - b1) * grad, m))
-                        v.copy_(torch.where(keep, b2 * v + (1 - b2) * grad * grad, v))
                         tt = t.clamp_min(1).view(keep.shape)
-                        update = self.lr * (m / (1 - b1**tt)) / ((v / (1 - b2**tt)).sqrt() + eps)
-                        latent.sub_(torch.where(keep, update, torch.zeros_like(update)))
+                        # the same arithmetic on both paths, so an image's result never depends on
+                        # whether its chunk-mates have stopped; the masked path only selects
+                        m_new = b1 * m + (1 - b1) * grad
+                        v_new = b2 * v + (1 - b2) * grad * grad
+                        update = self.lr * (m_new / (1 - b1**tt)) / ((v_new / (1 - b2**tt)).sqrt() + eps)
+                        if all_active:
+                            m.copy_(m_new)
+                            v.copy_(v_new)
+                            latent.sub_(update)
+                        else:
+                            # stopped images get exactly zero update (where, not a product: a NaN
+                            # gradient of a stopped image must not leak into its latent)
+                            m.copy_(torch.where(keep, m_new, m))
+                            v.copy_(torch.where(keep, v_new, v))
+                            latent.sub_(torch.where(keep, update, torch.zeros_like(update)))
                     self.project(latents, batch)
             with torch.no_grad():
                 x_cf = self.render(latents, batch).detach()
