@@ -124,3 +124,20 @@ def test_evaluate_rejects_bad_runs(setup, cnn_ckpt, duq_ckpt, tmp_path, capsys):
     args = evaluate_args(runs[:1], out, oracle, cnn_ckpt, duq_ckpt)
     args[1:5] = ["--data=lit_cf.data.MNISTDataModule", f"--data.init_args.root={mnist_root}", "--data.init_args.val_size=4"]
     expect(args, "other data")
+
+
+def test_evaluate_logs_table_and_images_to_wandb_offline(setup, cnn_ckpt, duq_ckpt, tmp_path, monkeypatch):
+    root, runs, oracle, regressor = setup
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = evaluate_args(runs[:1], tmp_path / "eval", oracle, cnn_ckpt, duq_ckpt, regressor=regressor)
+    args.remove("--trainer.logger=false")
+    main(args + [f"--config={CONFIGS / 'logger/wandb.yaml'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'wb'}"])
+    import wandb
+
+    wandb.finish()
+    run_dir = next((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    media = {p.suffix for p in run_dir.rglob("*") if "media" in p.parts}
+    assert ".png" in media, "the per-run grids are logged as images"
+    tables = [p.name for p in run_dir.rglob("*.table.json")]
+    assert any("comparison" in t for t in tables) and any("global_attributions" in t for t in tables)
