@@ -37,8 +37,6 @@ threshold stops at step 0. Read ``recon_*`` instead of ``orig_*`` for such runs.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,7 @@ from torch import Tensor
 from lit_cf.errors import UserError
 from lit_cf.explainers.base import CounterfactualMethod, per_image_sum
 from lit_cf.models.base import ImageClassifier, freeze
-from lit_cf.utils.checkpoint import CheckpointError, file_sha256, load_module, read_checkpoint
+from lit_cf.utils.checkpoint import checkpoint_class, file_sha256, load_module
 
 __all__ = ["LatentAttack", "LatentLinearEdit", "check_generator_checkpoint"]
 
@@ -68,23 +66,8 @@ def check_generator_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     if not path:
         raise UserError("LatentAttack needs a generator: pass --model.init_args.generator=<autoencoder .ckpt>")
-    hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
-    class_path = hparams.get("_class_path")
-    if not class_path:
-        raise CheckpointError(
-            f"{path} does not record its model class (`_class_path`): train the generator with lit-cf fit"
-        )
-    module_name, _, cls_name = class_path.rpartition(".")
-    if module_name not in sys.modules and not module_name.startswith("lit_cf."):
-        # the policy of load_module: importing runs code, so only lit-cf's or already imported modules
-        raise CheckpointError(
-            f"the generator {path} names class {class_path!r} from a module that is not part of lit-cf and not "
-            "imported; import it yourself first if you trust this checkpoint"
-        )
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise CheckpointError(f"{path} names class {class_path!r}, which cannot be imported") from err
+    cls, hparams = checkpoint_class(path)
+    class_path = hparams["_class_path"]
     if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)) or not _has_codec(cls):
         raise UserError(
             f"the generator {path} holds a {class_path}, which has no encode/decode: a latent method needs a "

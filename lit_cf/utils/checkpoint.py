@@ -45,16 +45,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_module(path: str | Path, expected: type[M], map_location: str | torch.device = "cpu") -> M:
-    """Rebuild the LightningModule saved by ``lit-cf fit`` and load its weights strictly.
+def checkpoint_class(path: str | Path) -> tuple[type, dict[str, Any]]:
+    """The class a ``lit-cf fit`` checkpoint records (``_class_path``) and its hyperparameters.
 
-    The class comes from the checkpoint's ``_class_path`` hyperparameter (written by
-    LightningCLI); it must be a subclass of ``expected`` defined in an importable module.
-    Weights are loaded with ``strict=True`` so a checkpoint of another architecture fails with
-    a clear message instead of explaining a half-initialised model.
+    Importing runs module code, so only lit-cf's own modules, or modules already imported, are
+    imported. Nothing is instantiated.
     """
-    ckpt = read_checkpoint(path)
-    hparams = dict(ckpt.get("hyper_parameters") or {})
+    hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
     class_path = hparams.get("_class_path")
     if not class_path:
         raise CheckpointError(
@@ -63,15 +60,27 @@ def load_module(path: str | Path, expected: type[M], map_location: str | torch.d
         )
     module_name, _, cls_name = class_path.rpartition(".")
     if module_name not in sys.modules and not module_name.startswith("lit_cf."):
-        # importing runs module code: only lit-cf's own modules, or ones already imported
         raise CheckpointError(
             f"{path} names class {class_path!r} from a module that is not part of lit-cf and not imported; "
             "import it yourself first if you trust this checkpoint"
         )
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, ValueError) as err:
         raise CheckpointError(f"{path} names class {class_path!r}, which cannot be imported") from err
+    return cls, hparams
+
+
+def load_module(path: str | Path, expected: type[M], map_location: str | torch.device = "cpu") -> M:
+    """Rebuild the LightningModule saved by ``lit-cf fit`` and load its weights strictly.
+
+    The class comes from the checkpoint's ``_class_path`` hyperparameter (written by
+    LightningCLI); it must be a subclass of ``expected`` defined in an importable module.
+    Weights are loaded with ``strict=True`` so a checkpoint of another architecture fails with
+    a clear message instead of explaining a half-initialised model.
+    """
+    cls, _ = checkpoint_class(path)
+    class_path = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else str(cls)
     if not (isinstance(cls, type) and issubclass(cls, expected)):
         raise CheckpointError(
             f"{path} holds a {class_path}, not a {expected.__name__}: pass a checkpoint of the right kind of model"
