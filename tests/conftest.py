@@ -33,7 +33,7 @@ def fit_checkpoint(workdir: Path, model_config: str, *extra: str, data_config: s
             "--trainer.limit_train_batches=8",
             "--trainer.max_epochs=3",
             "--sample_grid.num_samples=0",
-            *TINY_DATA,
+            *(TINY_DATA if "rendered" in data_config else []),
             *extra,
         ]
     )

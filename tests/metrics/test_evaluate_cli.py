@@ -141,3 +141,24 @@ def test_evaluate_logs_table_and_images_to_wandb_offline(setup, cnn_ckpt, duq_ck
     assert ".png" in media, "the per-run grids are logged as images"
     tables = [p.name for p in run_dir.rglob("*.table.json")]
     assert any("comparison" in t for t in tables) and any("global_attributions" in t for t in tables)
+
+
+def test_mnac_and_cd_with_an_attribute_predictor_on_celeba(tmp_path):
+    from tests.fixtures import write_celeba_fixture
+
+    root = write_celeba_fixture(tmp_path / "data", n=24)
+    data = [f"--config={CONFIGS / 'data/celeba.yaml'}", f"--data.init_args.root={root}",
+            "--data.init_args.image_size=32", "--data.init_args.batch_size=8"]
+    clf = fit_checkpoint(tmp_path / "clf", "model/resnet18_celeba.yaml", *data[1:], data_config="data/celeba.yaml")
+    attrs = fit_checkpoint(tmp_path / "attr", "model/attribute_classifier_celeba.yaml", *data[1:], data_config="data/celeba.yaml")
+    run = tmp_path / "run"
+    main(["explain", *data, f"--config={CONFIGS / 'explain/pixel.yaml'}", "--trainer.accelerator=cpu",
+          "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--classifier={clf}",
+          f"--output_dir={run}", "--split=train", "--num_queries=6", "--target=flip", "--model.init_args.steps=5"])
+    out = tmp_path / "eval"
+    main(["evaluate", *data, "--trainer.accelerator=cpu", "--trainer.logger=false", f"--runs=[{run}]",
+          f"--output_dir={out}", f"--descriptors={attrs}", "--cout_steps=3"])
+    overall = json.loads((out / "metrics.json").read_text())["runs"]["run"]["overall"]
+    assert 0.0 <= overall["mnac_mean"] <= 40.0
+    assert "cd" in overall and overall["cd"] >= 0.0
+    assert len(json.loads((out / "metrics.json").read_text())["runs"]["run"]["global_attributions"]) == 40
