@@ -251,5 +251,11 @@ def test_wandb_offline_run_gets_loss_curves_and_grids(cnn_ckpt, tmp_path, monkey
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert runs
     assert list(runs[0].rglob("*.png")), "the counterfactual grid is logged as an image"
-    history = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
-    assert b"explain/cf" in history and b"explain/target_prob" in history
+    # the offline writer may flush a moment after finish() returns: poll briefly
+    deadline = time.time() + 30
+    while True:
+        logged = b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file() and p.suffix in (".wandb", ".json"))
+        if (b"explain/cf" in logged and b"explain/target_prob" in logged) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert b"explain/cf" in logged and b"explain/target_prob" in logged
