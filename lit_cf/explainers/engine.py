@@ -90,9 +90,9 @@ class RankChunkSampler(Sampler[int]):
 class ChunkWriter(BasePredictionWriter):
     """Commits each optimised chunk to the run directory as soon as it is done."""
 
-    def __init__(self, rundir: RunDir, records: list[dict[str, Any]], chunk_size: int) -> None:
+    def __init__(self, rundir: RunDir, records: list[dict[str, Any]]) -> None:
         super().__init__(write_interval="batch")
-        self.rundir, self.records, self.chunk_size = rundir, records, chunk_size
+        self.rundir, self.records = rundir, records
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         chunk = int(batch["chunk"])
@@ -308,7 +308,7 @@ def run_explain(
     loader = DataLoader(
         ChunkDataset(data, records, chunk_size), batch_size=None, sampler=RankChunkSampler(rundir, num_chunks)
     )
-    writer = ChunkWriter(rundir, records, chunk_size)
+    writer = ChunkWriter(rundir, records)
     trainer.callbacks.append(writer)
     # explain needs autograd inside predict_step, and ranks keep their own chunks (no DistributedSampler)
     saved = trainer.predict_loop.inference_mode, trainer._accelerator_connector.use_distributed_sampler

@@ -166,7 +166,6 @@ def evaluate_run(
             probs = classifier.probabilities(x_cf).float()
             preds = probs.argmax(-1)
             oracle_preds = {o: model(x_cf).argmax(-1) for o, (model, _) in oracles.items()}
-        batch_metrics = [overall]
         for s, t in {(int(a), int(b)) for a, b in zip(source.tolist(), target.tolist())}:
             if (s, t) not in pairs:
                 pairs[(s, t)] = {k: m.to(device) for k, m in metric_set().items()}
@@ -174,8 +173,7 @@ def evaluate_run(
             mask = (source == key_pair[0]) & (target == key_pair[1])
             if mask.any():
                 _update(ms, mask, x, x_cf, probs, preds, target, source, oracle_preds)
-        for ms in batch_metrics:
-            _update(ms, None, x, x_cf, probs, preds, target, source, oracle_preds)
+        _update(overall, None, x, x_cf, probs, preds, target, source, oracle_preds)
         if "perceptual" in overall:
             overall["perceptual"].update(x, x_cf)
             overall["fid"].update(x, real=True)
