@@ -53,7 +53,7 @@ def fit(tmp_path: Path, data_config: str, model_config: str, *extra: str) -> Pat
 GRAY_MODELS = ["model/cnn.yaml", "model/cnn_wide.yaml", "model/robust_cnn.yaml", "model/duq_cnn.yaml", "model/autoencoder.yaml", "model/vae.yaml", "model/factor_regressor.yaml"]
 CELEBA_MODELS = [
     "model/resnet18_celeba.yaml", "model/duq_resnet18_celeba.yaml", "model/autoencoder_celeba.yaml",
-    "model/attribute_classifier_celeba.yaml",
+    "model/attribute_classifier_celeba.yaml", "model/cnn_celeba.yaml", "model/duq_cnn_celeba.yaml",
 ]
 
 
@@ -78,6 +78,8 @@ def test_celeba_model_configs_fit(model_config, tmp_path):
     extra = []
     if "autoencoder" in model_config:
         extra = ["--model.init_args.image_size=32"]
+    if "cnn_celeba" in model_config:  # the tiny fixture is 32 px
+        extra = ["--model.init_args.backbone.init_args.image_size=32"]
     fit(tmp_path, "data/celeba.yaml", model_config, *extra)
 
 
@@ -141,7 +143,9 @@ def test_wandb_offline_logger_writes_run_on_disk(tmp_path, monkeypatch):
     assert media, "the sample grid must be logged as an image"
 
 
-EXPLAIN_CONFIGS = ["explain/pixel.yaml", "explain/deepinversion.yaml"]
+EXPLAIN_CONFIGS = ["explain/pixel.yaml", "explain/deepinversion.yaml", "explain/disc.yaml"]
+# DISC's prior fit is shortened here (its full behaviour is tested in tests/explainers/test_disc.py)
+EXPLAIN_EXTRA = {"explain/disc.yaml": ["--model.init_args.fit_steps=5", "--model.init_args.dip_channels=8"]}
 
 
 @pytest.mark.parametrize("explain_config", EXPLAIN_CONFIGS)
@@ -159,6 +163,7 @@ def test_explain_configs(explain_config, duq_ckpt, tmp_path):
             f"--output_dir={out}",
             "--num_queries=6",
             "--model.init_args.steps=3",
+            *EXPLAIN_EXTRA.get(explain_config, []),
         ]
     )
     assert (out / "manifest.jsonl").exists()

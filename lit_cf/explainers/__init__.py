@@ -2,8 +2,17 @@
 
 from lit_cf.explainers.base import CounterfactualMethod
 from lit_cf.explainers.deepinversion import DeepInversionCounterfactual
+from lit_cf.explainers.disc import DISCCounterfactual
 from lit_cf.explainers.latent import LatentAttack, LatentLinearEdit
 from lit_cf.explainers.pixel import PixelCounterfactual
 from lit_cf.explainers.rundir import ExplainRun
 
-__all__ = ["CounterfactualMethod", "DeepInversionCounterfactual", "ExplainRun", "LatentAttack", "LatentLinearEdit", "PixelCounterfactual"]
+__all__ = [
+    "CounterfactualMethod",
+    "DISCCounterfactual",
+    "DeepInversionCounterfactual",
+    "ExplainRun",
+    "LatentAttack",
+    "LatentLinearEdit",
+    "PixelCounterfactual",
+]

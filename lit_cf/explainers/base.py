@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -135,8 +136,8 @@ class CounterfactualMethod(L.LightningModule):
             logger.log_metrics(metrics, step=self._log_step)
         self._log_step += 1
 
-    def optimise(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Optimise the latents of one chunk; returns counterfactuals and per-record results."""
+    def check_ready(self) -> None:
+        """Raise unless a classifier is attached and autograd is available."""
         if self.classifier is None:
             raise RuntimeError("no classifier attached: call attach(classifier) before explaining")
         if torch.is_inference_mode_enabled():
@@ -144,53 +145,60 @@ class CounterfactualMethod(L.LightningModule):
                 "explain needs gradients but inference mode is on: run it with Trainer(inference_mode=False) "
                 "(lit-cf explain does this for you)"
             )
+
+    def new_latents(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+        """Leaf latents from :meth:`init_latents` and their zeroed Adam moments."""
+        latents = {k: v.detach().float().requires_grad_(True) for k, v in self.init_latents(batch).items()}
+        moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in latents.items()}
+        return latents, moments
+
+    def descend(
+        self,
+        latents: dict[str, Tensor],
+        moments: dict[str, tuple[Tensor, Tensor]],
+        t: Tensor,
+        batch: dict[str, Tensor],
+        steps: int,
+        active: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Up to ``steps`` masked Adam steps until :meth:`target_reached` holds per image.
+
+        ``active`` (default: all) masks images that must not move at all (they report 0 steps).
+        Returns ``(steps_used, t)``: the step at which each image stopped (``steps`` if it never
+        did) and the per-image Adam step counters (pass them back in to continue the same
+        optimiser, as progressive methods do between stages).
+        """
         target = batch["target"]
-        b1, b2 = self.betas
-        eps = 1e-8
-        with torch.enable_grad():
-            latents = {k: v.detach().float().requires_grad_(True) for k, v in self.init_latents(batch).items()}
-            moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in latents.items()}
+        if active is None:
             active = torch.ones(len(target), dtype=torch.bool, device=target.device)
-            steps_used = torch.full_like(target, self.steps)
+        steps_used = torch.where(active, steps, 0).to(target.dtype)
+        for step in range(steps):
+            x_cf = self.render(latents, batch)
+            logits = self.classifier(x_cf)
+            target_prob = logits.float().softmax(-1).gather(1, target[:, None]).squeeze(1).detach()
+            done = active & self.target_reached(target_prob)
+            steps_used = torch.where(done, torch.full_like(steps_used, step), steps_used)
+            active = active & ~done
+            if not active.any():
+                break
+            terms = self.loss_terms(x_cf, logits, latents, batch, step)
+            total = torch.stack([v.float() for v in terms.values()]).sum(0)
+            self._log(terms, target_prob, active)
+            grads = torch.autograd.grad(total.sum(), list(latents.values()), allow_unused=True)
+            t = t + active.float()
+            masked_adam_update(latents, grads, moments, t, active, self.lr, self.betas)
+            with torch.no_grad():
+                self.project(latents, batch)
+        return steps_used, t
+
+    def optimise(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Optimise the latents of one chunk; returns counterfactuals and per-record results."""
+        self.check_ready()
+        target = batch["target"]
+        with torch.enable_grad():
+            latents, moments = self.new_latents(batch)
             t = torch.zeros(len(target), device=target.device)
-            for step in range(self.steps):
-                x_cf = self.render(latents, batch)
-                logits = self.classifier(x_cf)
-                target_prob = logits.float().softmax(-1).gather(1, target[:, None]).squeeze(1).detach()
-                done = active & self.target_reached(target_prob)
-                steps_used = torch.where(done, torch.full_like(steps_used, step), steps_used)
-                active = active & ~done
-                if not active.any():
-                    break
-                terms = self.loss_terms(x_cf, logits, latents, batch, step)
-                total = torch.stack([v.float() for v in terms.values()]).sum(0)
-                self._log(terms, target_prob, active)
-                grads = torch.autograd.grad(total.sum(), list(latents.values()), allow_unused=True)
-                t = t + active.float()
-                all_active = bool(active.all())
-                with torch.no_grad():
-                    for (name, latent), grad in zip(latents.items(), grads):
-                        if grad is None:
-                            continue
-                        keep = active.view(-1, *[1] * (latent.dim() - 1))
-                        m, v = moments[name]
-                        tt = t.clamp_min(1).view(keep.shape)
-                        # the same arithmetic on both paths, so an image's result never depends on
-                        # whether its chunk-mates have stopped; the masked path only selects
-                        m_new = b1 * m + (1 - b1) * grad
-                        v_new = b2 * v + (1 - b2) * grad * grad
-                        update = self.lr * (m_new / (1 - b1**tt)) / ((v_new / (1 - b2**tt)).sqrt() + eps)
-                        if all_active:
-                            m.copy_(m_new)
-                            v.copy_(v_new)
-                            latent.sub_(update)
-                        else:
-                            # stopped images get exactly zero update (where, not a product: a NaN
-                            # gradient of a stopped image must not leak into its latent)
-                            m.copy_(torch.where(keep, m_new, m))
-                            v.copy_(torch.where(keep, v_new, v))
-                            latent.sub_(torch.where(keep, update, torch.zeros_like(update)))
-                    self.project(latents, batch)
+            steps_used, _ = self.descend(latents, moments, t, batch, self.steps)
             with torch.no_grad():
                 x_cf = self.render(latents, batch).detach()
                 probs = self.classifier(x_cf).float().softmax(-1)
@@ -214,6 +222,46 @@ class CounterfactualMethod(L.LightningModule):
             out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out["chunk_seconds"] = time.perf_counter() - start
         return out
+
+
+
+@torch.no_grad()
+def masked_adam_update(
+    latents: dict[str, Tensor],
+    grads: Sequence[Tensor | None],
+    moments: dict[str, tuple[Tensor, Tensor]],
+    t: Tensor,
+    active: Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float = 1e-8,
+) -> None:
+    """One element-wise Adam step per image, in place; images with ``active`` false do not move.
+
+    ``t`` holds each image's own step counter (already incremented for this step), so an image's
+    bias correction does not depend on its chunk-mates. The same arithmetic runs whether or not
+    some images have stopped; the masked path only selects, with ``where`` rather than a product
+    so that a NaN gradient of a stopped image cannot leak into its latent.
+    """
+    b1, b2 = betas
+    all_active = bool(active.all())
+    for (name, latent), grad in zip(latents.items(), grads):
+        if grad is None:
+            continue
+        keep = active.view(-1, *[1] * (latent.dim() - 1))
+        m, v = moments[name]
+        tt = t.clamp_min(1).view(keep.shape)
+        m_new = b1 * m + (1 - b1) * grad
+        v_new = b2 * v + (1 - b2) * grad * grad
+        update = lr * (m_new / (1 - b1**tt)) / ((v_new / (1 - b2**tt)).sqrt() + eps)
+        if all_active:
+            m.copy_(m_new)
+            v.copy_(v_new)
+            latent.sub_(update)
+        else:
+            m.copy_(torch.where(keep, m_new, m))
+            v.copy_(torch.where(keep, v_new, v))
+            latent.sub_(torch.where(keep, update, torch.zeros_like(update)))
 
 
 def cross_entropy_to_target(logits: Tensor, target: Tensor) -> Tensor:
@@ -250,6 +298,7 @@ def tv_losses(x: Tensor) -> tuple[Tensor, Tensor]:
 __all__ = [
     "CounterfactualMethod",
     "cross_entropy_to_target",
+    "masked_adam_update",
     "per_image_sum",
     "seeded_uniform",
     "tv_losses",

@@ -36,3 +36,15 @@ class BrokenDigits(RenderedDigitsDataModule):
 
     def build_split(self, split: str) -> Dataset:
         return _Broken(super().build_split(split), self.mode)
+
+
+class TrainSplitForbidden(RenderedDigitsDataModule):
+    """Rendered digits whose training split raises on any use: data-free methods must never read it."""
+
+    def build_split(self, split: str) -> Dataset:
+        if split == "train":
+            raise AssertionError("the training split was read")
+        return super().build_split(split)
+
+    def train_dataloader(self):
+        raise AssertionError("the training dataloader was requested")
