@@ -2,9 +2,10 @@
 
 From a data root (MNIST) or on the built-in rendered digits, this trains a standard CNN, a
 robust (L2 PGD) CNN, an oracle suite (a CNN of another seed, a wider BatchNorm CNN, a second
-robust CNN) and a DUQ model; explains test images of both explained classifiers with every
-method available (pixel, DeepInversion); evaluates all runs together (oracles, fid_domain on
-the wide oracle's features, DUQ certainty) and prints the comparison table.
+robust CNN), a DUQ model and an autoencoder (the generator of LatentAttack); explains test
+images of both explained classifiers with every method available (pixel, DeepInversion,
+LatentAttack); evaluates all runs together (oracles, fid_domain on the wide oracle's features,
+DUQ certainty) and prints the comparison table.
 
 Expected on MNIST (Vaeth et al. 2023): counterfactuals of the robust classifier transfer to
 the oracles (OTA) far better than those of the standard classifier.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
-METHODS = ("pixel", "deepinversion")
+METHODS = ("pixel", "deepinversion", "latent_attack")
 
 
 def lit_cf(*args: str) -> None:
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the standard models")
     parser.add_argument("--robust-epochs", type=int, default=1)
     parser.add_argument("--duq-epochs", type=int, default=1)
+    parser.add_argument("--ae-epochs", type=int, default=5, help="epochs of the autoencoder (LatentAttack's generator)")
     parser.add_argument("--queries", type=int, default=256)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--accelerator", default="auto")
@@ -63,6 +65,7 @@ def main() -> None:
         "oracle_wide": ("model/cnn_wide.yaml", args.epochs, 2),
         "oracle_robust": ("model/robust_cnn.yaml", args.robust_epochs, 3),
         "duq": ("model/duq_cnn.yaml", args.duq_epochs, 0),
+        "autoencoder": ("model/autoencoder.yaml", args.ae_epochs, 0),
     }
     ckpt = {}
     for name, (cfg, epochs, seed) in models.items():
@@ -80,8 +83,10 @@ def main() -> None:
     for clf in ("standard", "robust"):
         for method in METHODS:
             run = out / "explain" / f"{clf}-{method}"
+            # LatentAttack optimises the autoencoder's latent code (the paper's MNIST setting: lr 0.1, tau 0.75)
+            generator = [f"--model.init_args.generator={ckpt['autoencoder']}"] if method == "latent_attack" else []
             lit_cf(
-                "explain", *data, f"--config={C / f'explain/{method}.yaml'}", "--trainer.logger=false",
+                "explain", *data, f"--config={C / f'explain/{method}.yaml'}", *generator, "--trainer.logger=false",
                 f"--trainer.accelerator={args.accelerator}", f"--trainer.default_root_dir={out}",
                 f"--classifier={ckpt[clf]}", f"--output_dir={run}", f"--num_queries={args.queries}",
                 f"--model.init_args.steps={args.steps}", "--chunk_size=256",

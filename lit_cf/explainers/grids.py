@@ -36,8 +36,6 @@ def comparison_rows(query: Tensor, counterfactual: Tensor) -> Tensor:
 
 def write_grids(rundir: Any, rows: list[dict[str, Any]], num_images: int, per_grid: int = 16) -> list[Path]:
     """Write grids of the first ``num_images`` records into ``<run>/grids/`` (atomic per file)."""
-    from lit_cf.explainers.rundir import atomic_write_bytes
-
     if num_images <= 0 or not rows:
         return []
     chosen = rows[:num_images]
@@ -57,12 +55,7 @@ def write_grids(rundir: Any, rows: list[dict[str, Any]], num_images: int, per_gr
     paths = []
     for g, start in enumerate(range(0, len(chosen), per_grid)):
         grid = make_grid(comparison_rows(q[start : start + per_grid], c[start : start + per_grid]), nrow=3, padding=2, pad_value=0.5)
-        path = out_dir / f"grid-{g:03d}.png"
-        tmp = out_dir / f".grid-{g:03d}.png.tmp"
-        save_image(grid, tmp, format="png")
-        atomic_write_bytes(path, tmp.read_bytes())
-        tmp.unlink()
-        paths.append(path)
+        paths.append(save_png(grid, out_dir / f"grid-{g:03d}.png"))
     if stages and len(stages) == len(chosen):
         paths += _write_progressions(out_dir, q, torch.stack(stages).float(), per_grid)
     return paths
@@ -70,8 +63,6 @@ def write_grids(rundir: Any, rows: list[dict[str, Any]], num_images: int, per_gr
 
 def _write_progressions(out_dir: Path, query: Tensor, stages: Tensor, per_grid: int) -> list[Path]:
     """Progression strips of staged methods: query, every stage's image, and the final difference."""
-    from lit_cf.explainers.rundir import atomic_write_bytes
-
     to_rgb = (lambda x: x.expand(-1, 3, -1, -1)) if query.shape[1] == 1 else (lambda x: x)
     n_stages = stages.shape[1]
     paths = []
@@ -79,10 +70,16 @@ def _write_progressions(out_dir: Path, query: Tensor, stages: Tensor, per_grid: 
         q, st = query[start : start + per_grid], stages[start : start + per_grid]
         cols = [to_rgb(q)] + [to_rgb(st[:, k]) for k in range(n_stages)] + [signed_difference(q, st[:, -1])]
         grid = make_grid(torch.stack(cols, 1).flatten(0, 1), nrow=n_stages + 2, padding=2, pad_value=0.5)
-        path = out_dir / f"progression-{g:03d}.png"
-        tmp = out_dir / f".progression-{g:03d}.png.tmp"
-        save_image(grid, tmp, format="png")
-        atomic_write_bytes(path, tmp.read_bytes())
-        tmp.unlink()
-        paths.append(path)
+        paths.append(save_png(grid, out_dir / f"progression-{g:03d}.png"))
     return paths
+
+
+def save_png(grid: Tensor, path: Path) -> Path:
+    """Write an image grid as PNG atomically (through a temporary file beside it)."""
+    from lit_cf.explainers.rundir import atomic_write_bytes
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_image(grid, tmp, format="png")
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+    return path
