@@ -42,6 +42,19 @@ def fit_checkpoint(workdir: Path, model_config: str, *extra: str, data_config: s
     return ckpts[-1]
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny kernels: on a shared 2-core machine a second
+    thread mostly waits for a busy core (up to 10x slower). Use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cnn_ckpt(tmp_path_factory) -> Path:
     return fit_checkpoint(tmp_path_factory.mktemp("cnn"), "model/cnn.yaml")

@@ -33,13 +33,7 @@ from lit_cf.utils.checkpoint import load_module
 from tests.conftest import CONFIGS, fit_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # tiny kernels: on a shared 2-core machine a second intra-op thread mostly waits for a busy core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

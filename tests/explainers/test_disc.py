@@ -15,12 +15,7 @@ from lit_cf.models import Classifier, ConvNet, DUQClassifier
 from tests.conftest import CONFIGS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def digits(n: int, size: int = 28) -> torch.Tensor:

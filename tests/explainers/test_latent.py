@@ -58,14 +58,7 @@ def save_lightning_checkpoint(module: L.LightningModule, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # the kernels here are tiny: on a shared 2-core machine a second intra-op thread mostly
-    # waits for a busy core (10x slower), so this module runs on one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
