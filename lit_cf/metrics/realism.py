@@ -109,11 +109,36 @@ def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> Te
     round-off are clipped to 0).
     """
     mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
-    w1, v1 = torch.linalg.eigh((cov1 + cov1.T) / 2)
+    w1, v1 = symmetric_eigh(cov1)
     sqrt1 = (v1 * w1.clamp_min(0).sqrt()) @ v1.T
-    middle = sqrt1 @ cov2 @ sqrt1
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    trace_sqrt = symmetric_eigh(sqrt1 @ cov2 @ sqrt1)[0].clamp_min(0).sqrt().sum()
     return (mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt
+
+
+def symmetric_eigh(m: Tensor, tries: int = 6) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric part of ``m``, robust to LAPACK's convergence failures.
+
+    Covariances of few samples in many dimensions are rank-deficient with many repeated zero
+    eigenvalues, on which the divide-and-conquer solver can fail to converge (seen with 8
+    samples of 256-d features). Then a ridge ``eps * (trace / d)`` is added to the diagonal,
+    starting at ``eps = 1e-12`` and growing 100x per retry; the ridge is subtracted from the
+    eigenvalues again, so the result differs from the exact one by round-off only.
+    """
+    if not torch.isfinite(m).all():
+        raise ValueError("the covariance holds NaN or inf: the feature network produced non-finite features")
+    sym = (m + m.T) / 2
+    scale = float(sym.diagonal().abs().mean().clamp_min(1e-300))
+    eye = torch.eye(len(sym), dtype=sym.dtype, device=sym.device)
+    ridge = 0.0
+    for attempt in range(tries + 1):
+        try:
+            w, v = torch.linalg.eigh(sym + ridge * eye if ridge else sym)
+            return w - ridge, v
+        except RuntimeError:  # torch.linalg.LinAlgError
+            if attempt == tries:
+                raise
+            ridge = scale * 1e-12 * 100**attempt
+    raise AssertionError("unreachable")
 
 
 def split_halves(index: Tensor, split: str = "parity", seed: int = 0) -> Tensor:

@@ -144,3 +144,26 @@ def test_in_project_networks_smoke():
     duq.update(x_cf, x)
     out = duq.compute()
     assert 0 < float(out["duq_certainty_cf_mean"]) <= 1
+
+
+def test_frechet_distance_survives_eigh_convergence_failures(monkeypatch):
+    # rank-deficient covariances of 8 samples in 64 dimensions: the case where LAPACK's
+    # divide-and-conquer solver failed to converge on real features
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 64, generator=g).double(), (torch.randn(8, 64, generator=g) * 2 + 1).double()
+    mu1, mu2, cov1, cov2 = a.mean(0), b.mean(0), a.T.cov(), b.T.cov()
+    exact = frechet_distance(mu1, cov1, mu2, cov2)
+    real_eigh, calls = torch.linalg.eigh, []
+
+    def flaky(m, *args, **kwargs):  # fails whenever no ridge was added
+        calls.append(1)
+        if float(m.diagonal().min()) < 1e-9 * float(m.diagonal().abs().mean()) or len(calls) % 2:
+            raise torch.linalg.LinAlgError("failed to converge")
+        return real_eigh(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    robust = frechet_distance(mu1, cov1, mu2, cov2)
+    assert len(calls) >= 4  # both decompositions retried with a ridge
+    assert torch.isfinite(robust) and abs(float(robust - exact)) < 1e-6 * float(exact)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        frechet_distance(mu1, cov1 * float("nan"), mu2, cov2)
