@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import shutil
 import subprocess
@@ -59,6 +58,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from script_env import ENV, set_threads  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
@@ -71,18 +72,6 @@ SHORTCUT = "mark"
 OWNED = ("models", "explain", "summary.json")
 
 COMMANDS: list[str] = []
-ENV = dict(os.environ)
-
-
-def set_threads(n: int | None) -> None:
-    """Intra-op threads of every subprocess and of this process (on a busy machine 1 is often fastest)."""
-    if n is None:
-        return
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        ENV[var] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def lit_cf(*args: str) -> None:

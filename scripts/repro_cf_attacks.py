@@ -59,6 +59,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from script_env import ENV, set_threads  # scripts/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
 PAIRS = ((4, 9), (8, 9), (1, 7), (9, 7), (5, 6), (0, 8), (3, 2))
@@ -82,7 +84,6 @@ TABLE = (
 )
 
 COMMANDS: list[str] = []
-ENV = dict(os.environ)
 
 
 def fail(msg: str) -> None:
@@ -102,16 +103,6 @@ def lit_cf(*args: str, fatal: bool = True) -> bool:
         print(f"repro_cf_attacks: this command failed (exit status {err.returncode}); going on without it", flush=True)
         return False
     return True
-
-
-def set_threads(n: int | None) -> None:
-    if n is None:
-        return
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        ENV[var] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:

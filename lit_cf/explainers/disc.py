@@ -301,6 +301,7 @@ class DISCCounterfactual(CounterfactualMethod):
             ref, self._feats = self._feats, []
         self._chunk.update(
             ref_feats=[r.detach() for r in ref],
+            x0=x0,
             psnr=psnr(x0, query),
             fit_steps=fit_steps,
             prior_target_prob=probs.gather(1, batch["target"][:, None]).squeeze(1),
@@ -371,9 +372,8 @@ class DISCCounterfactual(CounterfactualMethod):
             t = torch.zeros(len(target), device=target.device)
             total_steps = torch.zeros_like(target)
             alive = torch.ones(len(target), dtype=torch.bool, device=target.device)
-            with torch.no_grad():  # the start (the fitted prior): what a failed first stage keeps
-                x_prev = self.render(latents, batch).detach()
-                p_prev = self.classifier(x_prev).float().softmax(-1).gather(1, target[:, None]).squeeze(1)
+            # the start (the fitted prior, rendered by init_latents): what a failed first stage keeps
+            x_prev, p_prev = self._chunk["x0"], self._chunk["prior_target_prob"]
             for threshold in thresholds:
                 self._threshold = threshold
                 if self.progressive:  # a failed stage reverts to the last stage's state
