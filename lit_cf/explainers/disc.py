@@ -18,7 +18,7 @@ from lit_cf.utils.checkpoint import checkpoint_class, file_sha256, load_module
 DEFAULT_LR = {"pixels": 0.01, "dip": 0.001, "inr": 0.0005}
 DEFAULT_FIT_LR = {"pixels": 0.0, "dip": 0.01, "inr": 0.003}
 MC_LOSSES = ("log_kernel", "bce")
-FEATURE_DISTANCES = ("mse", "cosine")
+FEATURE_DISTANCES = ("mse", "relative_mse", "cosine")
 
 
 class DISCCounterfactual(CounterfactualMethod):
@@ -45,8 +45,11 @@ class DISCCounterfactual(CounterfactualMethod):
     * **Feature layers** (``feature_layers``): module names of the classifier (as in
       ``named_modules()``); ``None`` = every ``Conv2d`` of the classifier. The features are the
       modules' outputs (cloned, so an in-place activation after them does not change them), the
-      distance ``feature_distance`` is the mean squared difference (``mse``) or one minus the
-      cosine similarity (``cosine``) per layer, summed over layers, against the query's features.
+      distance ``feature_distance`` is the mean squared difference (``mse``), the squared
+      difference relative to the query's feature energy ``||F(x') - F(x)||^2 / ||F(x)||^2``
+      (``relative_mse``: scale-free, so one weight carries over between classifiers; ``mse``'s
+      scale follows the classifier's activations) or one minus the cosine similarity
+      (``cosine``) per layer, summed over layers, against the query's features.
     * **Manifold consistency** (``duq``): ``None`` (off), ``"self"`` (the explained classifier,
       which must be a :class:`~lit_cf.models.DUQClassifier`) or the path of an auxiliary DUQ
       checkpoint for the same classes. ``mc_loss="log_kernel"`` minimises ``-log K_target(x')``
@@ -76,7 +79,7 @@ class DISCCounterfactual(CounterfactualMethod):
         cf_weight: Weight of the cross-entropy towards the target.
         feature_weight: Weight of semantic preservation (0 disables).
         feature_layers: Classifier module names whose outputs are preserved (``None``: all Conv2d).
-        feature_distance: ``mse`` or ``cosine``.
+        feature_distance: ``mse``, ``relative_mse`` or ``cosine``.
         duq: Manifold consistency model: ``None``, ``"self"`` or a DUQ checkpoint path.
         mc_weight: Weight of manifold consistency (0 disables).
         mc_loss: ``log_kernel`` or ``bce``.
@@ -245,6 +248,8 @@ class DISCCounterfactual(CounterfactualMethod):
             a, b = a.float().flatten(1), b.float().flatten(1)
             if self.feature_distance == "mse":
                 total = total + (a - b).square().mean(1)
+            elif self.feature_distance == "relative_mse":  # scale-free: ||a - b||^2 / ||b||^2 per layer
+                total = total + (a - b).square().sum(1) / b.square().sum(1).clamp_min(1e-12)
             else:
                 total = total + 1 - F.cosine_similarity(a, b, dim=1, eps=1e-8)
         return total

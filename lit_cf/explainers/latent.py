@@ -52,6 +52,7 @@ from lit_cf.utils.checkpoint import checkpoint_class, file_sha256, load_module
 __all__ = ["LatentAttack", "LatentLinearEdit", "check_generator_checkpoint"]
 
 ORIGINAL_PREDICTION = ("query", "reconstruction")
+ATTACK_LOSSES = ("prob", "log_prob")
 
 
 def _has_codec(obj: Any) -> bool:
@@ -172,9 +173,18 @@ class LatentAttack(_LatentMethod):
     interface and the recorded extras.
 
     Per-image loss terms: ``attack`` = ``-p_target`` (or ``+p_source`` when ``decreasing``),
+    or with ``loss="log_prob"`` ``-log p_target`` (``-log(1 - p_source)`` when decreasing),
     plus, only when their weight is non-zero, ``latent`` = ``latent_weight * ||z - z0||^2``
     and ``pixel`` = ``pixel_weight * ||x' - x_ref||^2`` (``x_ref``: the query, or its
     reconstruction with ``original_prediction="reconstruction"``).
+
+    **Attack loss.** ``loss="prob"`` (default) is the authors' ``-p``. Its gradient is
+    ``p * d(logit margin)``, which vanishes when the classifier is certain the image is *not*
+    the target: with ``p`` below about 1e-10 Adam's step ``m / (sqrt(v) + eps)`` falls far
+    under ``lr`` and the code does not move in 1,000 steps (observed for confident MNIST-style
+    classifiers, see ``scripts/ground_truth.py``). ``loss="log_prob"`` uses the log of the same
+    probability, whose gradient does not shrink with ``p``; the stopping rule is unchanged, so
+    it only changes the path, and only matters for such saturated starts.
 
     **Increasing** (default): the class of interest is the target; an image stops when
     ``p_target >= threshold`` (paper: 0.75; digit-to-digit MNIST: 0.5).
@@ -198,6 +208,7 @@ class LatentAttack(_LatentMethod):
         latent_weight: Weight of ``||z - z0||^2`` (0: off, as in the paper).
         pixel_weight: Weight of ``||x' - x_ref||^2`` (0: off, as in the paper).
         original_prediction: ``"query"`` or ``"reconstruction"`` (module docstring).
+        loss: ``"prob"`` (the paper's ``-p``) or ``"log_prob"`` (``-log p``), see above.
         log_every: Log the loss terms every this many steps.
     """
 
@@ -211,13 +222,16 @@ class LatentAttack(_LatentMethod):
         latent_weight: float = 0.0,
         pixel_weight: float = 0.0,
         original_prediction: str = "query",
+        loss: str = "prob",
         log_every: int = 10,
     ) -> None:
         if latent_weight < 0 or pixel_weight < 0:
             raise ValueError("latent_weight and pixel_weight must be >= 0")
+        if loss not in ATTACK_LOSSES:
+            raise ValueError(f"loss must be one of {list(ATTACK_LOSSES)}, got {loss!r}")
         super().__init__(generator, steps, lr, threshold, original_prediction, log_every)
         self.save_hyperparameters()
-        self.decreasing = decreasing
+        self.decreasing, self.loss = decreasing, loss
         self.latent_weight, self.pixel_weight = latent_weight, pixel_weight
 
     def attach(self, classifier: ImageClassifier) -> None:
@@ -246,8 +260,13 @@ class LatentAttack(_LatentMethod):
         return self.decode(latents["z"])
 
     def loss_terms(self, x_cf, logits, latents, batch, step):
-        p = self.interest_prob(logits.float().softmax(-1), batch["target"])
-        terms = {"attack": p if self.decreasing else -p}
+        if self.loss == "log_prob":
+            # -log p_target; when decreasing (binary only) log(1 - p_source) is the same log p_target
+            log_p = logits.float().log_softmax(-1).gather(1, batch["target"][:, None]).squeeze(1)
+            terms = {"attack": -log_p}
+        else:
+            p = self.interest_prob(logits.float().softmax(-1), batch["target"])
+            terms = {"attack": p if self.decreasing else -p}
         if self.latent_weight:
             terms["latent"] = self.latent_weight * per_image_sum((latents["z"] - self._chunk["z0"]).square())
         if self.pixel_weight:

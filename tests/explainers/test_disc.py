@@ -132,7 +132,7 @@ def test_switches_really_switch():
 
 def test_feature_term_is_zero_at_the_query_and_grows_with_the_edit():
     x = digits(2)
-    for distance in ("mse", "cosine"):
+    for distance in ("mse", "relative_mse", "cosine"):
         method = DISCCounterfactual(prior="pixels", feature_distance=distance, feature_layers=["backbone.features.0"])
         method.attach(tiny_cnn())
         batch = batch_of(x)
@@ -141,6 +141,32 @@ def test_feature_term_is_zero_at_the_query_and_grows_with_the_edit():
         moved = (x + 0.3 * torch.rand_like(x)).clamp(0, 1)
         away = method.loss_terms(moved, method.classifier(moved), latents, batch, 0)["feature"]
         assert at_query.abs().max() < 1e-5 and (away > 1e-4).all(), (distance, at_query, away)
+
+
+def test_relative_mse_is_invariant_to_the_scale_of_the_activations():
+    """relative_mse = ||F(x') - F(x)||^2 / ||F(x)||^2: scaling the layer's output by 10 scales
+    mse by 100 and leaves relative_mse unchanged."""
+    x = digits(3)
+    moved = (x + 0.3 * torch.rand_like(x)).clamp(0, 1)
+    values = {}
+    for scale in (1.0, 10.0):
+        clf = tiny_cnn()
+        first = clf.backbone.features[0]
+        with torch.no_grad():
+            first.weight.mul_(scale)
+            first.bias.mul_(scale)
+        for distance in ("mse", "relative_mse"):
+            method = DISCCounterfactual(prior="pixels", feature_distance=distance, feature_layers=["backbone.features.0"])
+            method.attach(clf)
+            batch = batch_of(x)
+            latents = method.init_latents(batch)
+            values[distance, scale] = method.loss_terms(moved, method.classifier(moved), latents, batch, 0)["feature"]
+            feats = [first(moved).flatten(1), first(x).flatten(1)]
+            if distance == "relative_mse":
+                expect = (feats[0] - feats[1]).square().sum(1) / feats[1].square().sum(1)
+                torch.testing.assert_close(values[distance, scale], expect.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(values["mse", 10.0], 100 * values["mse", 1.0], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(values["relative_mse", 10.0], values["relative_mse", 1.0], rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("mc_loss", ["log_kernel", "bce"])

@@ -285,10 +285,50 @@ def test_decreasing_needs_a_binary_classifier_and_stops_on_the_source_probabilit
     torch.testing.assert_close(attack, logits.softmax(-1).gather(1, source[:, None]).squeeze(1))  # minimise +p_source
 
 
+def test_log_prob_loss_moves_codes_where_the_paper_loss_has_no_gradient(codec_ckpt, cnn_ckpt):
+    """A classifier certain the image is not the target (p_target ~ 1e-20): -p has a vanishing
+    gradient and Adam leaves the code where it is; -log p keeps moving it towards the target."""
+    clf = load_module(cnn_ckpt, ImageClassifier)
+    head = [m for m in clf.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # saturate the softmax
+        head.weight.mul_(200.0)
+        head.bias.mul_(200.0)
+    images = queries(6)
+    with torch.no_grad():
+        logits = clf(images)
+    targets = logits.argmin(-1).tolist()  # the least likely class of each image
+    batch = make_batch(images, targets)
+    out = {}
+    for loss in ("prob", "log_prob"):
+        method = LatentAttack(str(codec_ckpt), steps=20, lr=0.05, threshold=0.999, loss=loss, log_every=0)
+        method.attach(clf)
+        latents = method.init_latents(batch)
+        x = method.render(latents, batch)
+        start_logits = method.classifier(x)
+        attack = method.loss_terms(x, start_logits, latents, batch, 0)["attack"]
+        p0 = start_logits.softmax(-1).gather(1, batch["target"][:, None]).squeeze(1)
+        assert float(p0.max()) < 1e-10, "the test needs saturated starts"
+        if loss == "log_prob":
+            torch.testing.assert_close(attack, -start_logits.log_softmax(-1).gather(1, batch["target"][:, None]).squeeze(1))
+        else:
+            torch.testing.assert_close(attack, -p0)
+        out[loss] = method.optimise(batch)
+    assert float(out["prob"]["latent_l2"].max()) < 1e-3
+    assert float(out["log_prob"]["latent_l2"].min()) > 0.1
+    # the log loss raised the target's log-probability of every image
+    with torch.no_grad():
+        before = clf(method.decode(out["log_prob"]["latent_init"])).log_softmax(-1)
+        after = clf(method.decode(out["log_prob"]["latent"])).log_softmax(-1)
+    idx = batch["target"][:, None]
+    assert torch.all(after.gather(1, idx) > before.gather(1, idx) + 1.0)
+
+
 def test_bad_settings_are_rejected(codec_ckpt):
     with pytest.raises(ValueError, match="threshold"):
         LatentAttack(str(codec_ckpt), threshold=1.0)
     with pytest.raises(ValueError, match="original_prediction"):
         LatentAttack(str(codec_ckpt), original_prediction="both")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        LatentAttack(str(codec_ckpt), loss="ce")
     with pytest.raises(ValueError, match="sign"):
         LatentLinearEdit(str(codec_ckpt), direction="x.safetensors", descriptor="mark", sign=0.5)
