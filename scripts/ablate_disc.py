@@ -122,14 +122,18 @@ def region_mask(args: argparse.Namespace, query):
     return F.max_pool2d(ink, 5, stride=1, padding=2) > 0
 
 
-def localisation(args: argparse.Namespace, run_dir: Path) -> float:
+def localisation(args: argparse.Namespace, query, cf) -> float:
+    """Mean over queries of the share of the difference mass inside the relevant region."""
+    diff = (cf - query).abs().sum(1, keepdim=True)
+    inside = (diff * region_mask(args, query)).flatten(1).sum(1)
+    return float((inside / diff.flatten(1).sum(1).clamp_min(1e-12)).mean())
+
+
+def run_localisation(args: argparse.Namespace, run_dir: Path) -> float:
     from lit_cf.explainers import ExplainRun
 
     run = ExplainRun(run_dir)
-    q, cf = run.tensor("query").float(), run.tensor("counterfactual").float()
-    diff = (cf - q).abs().sum(1, keepdim=True)
-    inside = (diff * region_mask(args, q)).flatten(1).sum(1)
-    return float((inside / diff.flatten(1).sum(1).clamp_min(1e-12)).mean())
+    return localisation(args, run.tensor("query").float(), run.tensor("counterfactual").float())
 
 
 def matched_table(args: argparse.Namespace, ckpt: dict[str, Path], names: list[str], runs: list[str]) -> tuple[int, list[dict]]:
@@ -165,11 +169,9 @@ def matched_table(args: argparse.Namespace, ckpt: dict[str, Path], names: list[s
                 fid.update(cf, real=False)
                 cert.update(cf, q)
                 ota = (oracle(cf).argmax(-1) == target).float().mean()
-            diff = (cf - q).abs().sum(1, keepdim=True)
-            inside = (diff * region_mask(args, q)).flatten(1).sum(1) / diff.flatten(1).sum(1).clamp_min(1e-12)
             row.update({"l1_mean": float(delta.abs().sum(1).mean()), "l2_mean": float(delta.norm(dim=1).mean()),
                         "fid_domain": float(fid.compute()["fid_domain"]), "duq_certainty_cf_mean": float(cert.compute()["duq_certainty_cf_mean"]),
-                        "ota_oracle": float(ota), "loc": float(inside.mean())})
+                        "ota_oracle": float(ota), "loc": localisation(args, q, cf)})
         rows.append(row)
     return int(valid.sum()), rows
 
@@ -236,7 +238,7 @@ def main() -> None:
     table = []
     for name, run in zip(names, runs):
         o = metrics[name]["overall"]
-        table.append({"link": name, **{c: o.get(c, float("nan")) for c in cols}, "loc": localisation(args, Path(run)),
+        table.append({"link": name, **{c: o.get(c, float("nan")) for c in cols}, "loc": run_localisation(args, Path(run)),
                       "prior_psnr": psnr[name], "s_per_cf": seconds[name]})
     header = ["link", "validity", "L1", "L2", "fid_domain", "DUQ cert", "OTA", "loc", "PSNR", "s/cf"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -67,14 +67,13 @@ import argparse
 import json
 import math
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from script_env import ENV, set_threads  # scripts/ is on sys.path when a script runs
+from script_env import ENV, prepare_out, set_threads  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
@@ -114,21 +113,6 @@ def parse_methods(values: list[str]) -> list[str]:
     if not methods:
         raise argparse.ArgumentTypeError("--methods needs at least one method")
     return methods
-
-
-def prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        sys.exit(f"ground_truth: --out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            sys.exit(f"ground_truth: --out {out} is not empty; choose a new folder or pass --overwrite")
-        for name in OWNED:  # only what this script writes
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -220,8 +204,7 @@ def mark_path(ae: Any, latent_pred: Any, shortcut: Path, test_size: int, n: int 
 
     clf = load_module(shortcut, ImageClassifier).eval()
     data = RenderedDigits(test_size, split="test")
-    x = data.images[torch.tensor(non_target_indices(test_size, n))]
-    x = x.clone()
+    x = data.images[torch.tensor(non_target_indices(test_size, n))]  # a copy (advanced indexing)
     x[..., :MARK_SIZE, :MARK_SIZE] = 0.0  # (test digits carry the mark at the clean rate) start without it
     z0 = ae.encode(x)
     m = latent_pred.direction(SHORTCUT).float()
@@ -375,7 +358,7 @@ def main() -> int:
         )
     TARGET = args.shortcut_class
     out = Path(args.out or f"runs/ground-truth-{time.strftime('%Y%m%d-%H%M%S')}")
-    prepare_out(out, args.overwrite)
+    prepare_out(out, args.overwrite, OWNED, "ground_truth")
     set_threads(args.threads)
     t_start = time.time()
     timings: dict[str, float] = {}

@@ -51,7 +51,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from script_env import ENV, set_threads  # scripts/ is on sys.path when a script runs
+from script_env import ENV, prepare_out, set_threads  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
@@ -103,21 +102,6 @@ def lit_cf(*args: str, fatal: bool = True) -> bool:
         print(f"repro_cf_attacks: this command failed (exit status {err.returncode}); going on without it", flush=True)
         return False
     return True
-
-
-def prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            fail(f"--out {out} is not empty; choose a new folder or pass --overwrite")
-        for name in OWNED:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def check_mnist(root: Path) -> None:
@@ -496,7 +480,7 @@ def main() -> None:
     if not args.skip_celeba:
         celeba_root(Path(args.celeba_root))
     out = Path(args.out or f"runs/repro-cf-attacks-{time.strftime('%Y%m%d-%H%M%S')}")
-    prepare_out(out, args.overwrite)
+    prepare_out(out, args.overwrite, OWNED, "repro_cf_attacks")
     set_threads(args.threads)
     common = ["--trainer.logger=false", f"--trainer.accelerator={args.accelerator}", "--sample_grid.num_samples=0",
               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
