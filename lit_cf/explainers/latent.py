@@ -53,6 +53,7 @@ __all__ = ["LatentAttack", "LatentLinearEdit", "check_generator_checkpoint"]
 
 ORIGINAL_PREDICTION = ("query", "reconstruction")
 ATTACK_LOSSES = ("prob", "log_prob")
+PIXEL_NORMS = ("l2", "l1")
 
 
 def _has_codec(obj: Any) -> bool:
@@ -175,8 +176,12 @@ class LatentAttack(_LatentMethod):
     Per-image loss terms: ``attack`` = ``-p_target`` (or ``+p_source`` when ``decreasing``),
     or with ``loss="log_prob"`` ``-log p_target`` (``-log(1 - p_source)`` when decreasing),
     plus, only when their weight is non-zero, ``latent`` = ``latent_weight * ||z - z0||^2``
-    and ``pixel`` = ``pixel_weight * ||x' - x_ref||^2`` (``x_ref``: the query, or its
-    reconstruction with ``original_prediction="reconstruction"``).
+    and ``pixel`` = ``pixel_weight * ||x' - x_ref||^2`` (``pixel_norm="l2"``) or
+    ``pixel_weight * ||x' - x_ref||_1`` (``pixel_norm="l1"``) (``x_ref``: the query, or its
+    reconstruction with ``original_prediction="reconstruction"``). The squared norm is cheap
+    for a small change spread over many pixels (dimming every stroke a little) and dear for a
+    large change of a few (a small bright mark); the L1 norm prices both by their total change,
+    as the pixel baseline's L1 term does.
 
     **Attack loss.** ``loss="prob"`` (default) is the authors' ``-p``. Its gradient is
     ``p * d(logit margin)``, which vanishes when the classifier is certain the image is *not*
@@ -206,10 +211,11 @@ class LatentAttack(_LatentMethod):
         decreasing: Decrease the source class of a binary classifier instead of increasing
             the target.
         latent_weight: Weight of ``||z - z0||^2`` (0: off, as in the paper).
-        pixel_weight: Weight of ``||x' - x_ref||^2`` (0: off, as in the paper).
+        pixel_weight: Weight of the pixel proximity term (0: off, as in the paper).
         original_prediction: ``"query"`` or ``"reconstruction"`` (module docstring).
         loss: ``"prob"`` (the paper's ``-p``) or ``"log_prob"`` (``-log p``), see above.
         log_every: Log the loss terms every this many steps.
+        pixel_norm: ``"l2"`` (squared, default) or ``"l1"``: the norm of the pixel term.
     """
 
     def __init__(
@@ -224,15 +230,18 @@ class LatentAttack(_LatentMethod):
         original_prediction: str = "query",
         loss: str = "prob",
         log_every: int = 10,
+        pixel_norm: str = "l2",
     ) -> None:
         if latent_weight < 0 or pixel_weight < 0:
             raise ValueError("latent_weight and pixel_weight must be >= 0")
         if loss not in ATTACK_LOSSES:
             raise ValueError(f"loss must be one of {list(ATTACK_LOSSES)}, got {loss!r}")
+        if pixel_norm not in PIXEL_NORMS:
+            raise ValueError(f"pixel_norm must be one of {list(PIXEL_NORMS)}, got {pixel_norm!r}")
         super().__init__(generator, steps, lr, threshold, original_prediction, log_every)
         self.save_hyperparameters()
         self.decreasing, self.loss = decreasing, loss
-        self.latent_weight, self.pixel_weight = latent_weight, pixel_weight
+        self.latent_weight, self.pixel_weight, self.pixel_norm = latent_weight, pixel_weight, pixel_norm
 
     def attach(self, classifier: ImageClassifier) -> None:
         if self.decreasing and getattr(classifier, "num_classes", 2) != 2:
@@ -270,7 +279,8 @@ class LatentAttack(_LatentMethod):
         if self.latent_weight:
             terms["latent"] = self.latent_weight * per_image_sum((latents["z"] - self._chunk["z0"]).square())
         if self.pixel_weight:
-            terms["pixel"] = self.pixel_weight * per_image_sum((x_cf - self._reference(batch)).square())
+            diff = x_cf - self._reference(batch)
+            terms["pixel"] = self.pixel_weight * per_image_sum(diff.abs() if self.pixel_norm == "l1" else diff.square())
         return terms
 
     def extra_outputs(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -30,11 +30,25 @@ def _deconv_stack(channels: Sequence[int], out_channels: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+OUTPUT_ACTIVATIONS = ("sigmoid", "identity")
+
+
 class AutoEncoder(L.LightningModule):
-    """Deterministic conv autoencoder (stride-2 convs, a linear bottleneck, sigmoid output).
+    """Deterministic conv autoencoder (stride-2 convs, a linear bottleneck, MSE loss).
 
     Defaults follow the Counterfactual Attacks MNIST code: channels 16/32/64, 64-d latent.
-    Images are in ``[0, 1]``; ``decode`` returns images in ``[0, 1]``.
+    Images are in ``[0, 1]``.
+
+    The output activation is a switch, because it decides what a gradient attack on the code
+    can reach. ``sigmoid`` (default) keeps ``decode`` in ``[0, 1]``, but saturates: a pixel the
+    decoder draws black (e.g. an empty corner) sits at a sigmoid output near 0, where its
+    derivative is near 0 too, so a latent attack cannot switch on a feature drawn on empty
+    background until a long step has left the saturated region (``scripts/ground_truth.py``
+    measures this as the "mark path"). ``identity`` returns the last layer's output as is: the
+    reconstruction loss keeps it close to ``[0, 1]`` and its gradient never vanishes; the
+    counterfactual methods clamp decoded images to ``[0, 1]``
+    (:meth:`lit_cf.explainers.latent.LatentMethod.decode`), callers that need valid images
+    should do the same.
 
     Args:
         in_channels: Image channels.
@@ -43,6 +57,7 @@ class AutoEncoder(L.LightningModule):
         channels: Channels of each stride-2 conv block.
         latent_dim: Size of the latent code.
         optimizer: Optimizer factory.
+        output_activation: ``"sigmoid"`` or ``"identity"`` (see above).
     """
 
     def __init__(
@@ -52,8 +67,12 @@ class AutoEncoder(L.LightningModule):
         channels: Sequence[int] = (16, 32, 64),
         latent_dim: int = 64,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        output_activation: str = "sigmoid",
     ) -> None:
         super().__init__()
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"output_activation must be one of {list(OUTPUT_ACTIVATIONS)}, got {output_activation!r}")
+        self.output_activation = output_activation
         self.save_hyperparameters()
         factor = 2 ** len(channels)
         self.padded = -(-image_size // factor) * factor
@@ -80,12 +99,13 @@ class AutoEncoder(L.LightningModule):
         return self.to_latent(self._features(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` in ``[0, 1]`` from latent codes."""
+        """Images ``[B, C, H, W]`` from latent codes: in ``[0, 1]`` with the sigmoid output,
+        close to it (not clamped) with the identity output."""
         h = self.from_latent(z).view(-1, self._channels_last, self.grid, self.grid)
         out = self.decoder(h)
         lo = self.pad // 2
         out = out[..., lo : lo + self.image_size, lo : lo + self.image_size]
-        return torch.sigmoid(out)
+        return torch.sigmoid(out) if self.output_activation == "sigmoid" else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -267,6 +267,24 @@ def test_pixel_term_reference_follows_original_prediction(codec_ckpt, cnn_ckpt):
     assert torch.all(pixel["reconstruction"] == 0)
 
 
+def test_pixel_norm_switches_between_squared_and_absolute_differences(codec_ckpt, cnn_ckpt):
+    batch = make_batch(queries(3), [1, 2, 3])
+    clf = load_module(cnn_ckpt, ImageClassifier)
+    terms = {}
+    for norm in ("l2", "l1"):
+        method = LatentAttack(str(codec_ckpt), pixel_weight=2.0, pixel_norm=norm, log_every=0)
+        method.attach(clf)
+        latents = method.init_latents(batch)
+        x = method.render(latents, batch)
+        terms[norm] = method.loss_terms(x, method.classifier(x), latents, batch, 0)["pixel"]
+        diff = x - batch["image"]  # original_prediction="query": the query is the reference
+        expected = diff.abs() if norm == "l1" else diff.square()
+        torch.testing.assert_close(terms[norm], 2.0 * expected.flatten(1).sum(1))
+    assert not torch.allclose(terms["l1"], terms["l2"])
+    with pytest.raises(ValueError, match="pixel_norm must be one of"):
+        LatentAttack(str(codec_ckpt), pixel_norm="linf")
+
+
 def test_decreasing_needs_a_binary_classifier_and_stops_on_the_source_probability(codec_ckpt, cnn_ckpt):
     method = LatentAttack(str(codec_ckpt), decreasing=True, threshold=0.75)
     # p_target 0.8 -> p_source 0.2 <= 0.25: reached; p_target 0.7 -> p_source 0.3: not yet

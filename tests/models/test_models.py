@@ -58,3 +58,38 @@ def test_autoencoders_roundtrip_shapes(cls, size, channels):
 def test_num_classes_validation():
     with pytest.raises(ValueError, match="num_classes"):
         Classifier(ConvNet(), num_classes=1)
+
+
+def test_autoencoder_identity_output_is_the_sigmoid_logit_and_keeps_the_gradient():
+    torch.manual_seed(0)
+    sig = AutoEncoder(latent_dim=8)
+    ident = AutoEncoder(latent_dim=8, output_activation="identity")
+    ident.load_state_dict(sig.state_dict())
+    with torch.no_grad():  # the decoder draws everything dark: a saturated sigmoid
+        sig.decoder[-1].bias.fill_(-10.0)
+        ident.decoder[-1].bias.fill_(-10.0)
+    z = torch.randn(2, 8, requires_grad=True)
+    out_id = ident.decode(z)
+    torch.testing.assert_close(torch.sigmoid(out_id), sig.decode(z))
+    assert out_id.max() < 0  # not clamped: the raw last layer
+    grads = []
+    for model in (sig, ident):
+        (g,) = torch.autograd.grad(model.decode(z)[..., :3, :3].sum(), z)
+        grads.append(g.norm())
+    assert grads[1] > 0
+    assert grads[0] < 1e-3 * grads[1]  # sigmoid'(-10) ~ 4.5e-5
+
+
+def test_autoencoder_output_activation_is_validated_and_checkpointed(tmp_path):
+    from lit_cf.utils.checkpoint import load_module
+
+    with pytest.raises(ValueError, match="output_activation"):
+        AutoEncoder(output_activation="tanh")
+    model = AutoEncoder(latent_dim=8, output_activation="identity")
+    assert model.hparams.output_activation == "identity"
+    hp = {"_class_path": "lit_cf.models.AutoEncoder", **{k: v for k, v in model.hparams.items() if k != "optimizer"}}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp, "pytorch-lightning_version": "2"}, tmp_path / "a.ckpt")
+    assert load_module(tmp_path / "a.ckpt", AutoEncoder).output_activation == "identity"
+    hp.pop("output_activation")  # a checkpoint from before the switch: sigmoid
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp, "pytorch-lightning_version": "2"}, tmp_path / "b.ckpt")
+    assert load_module(tmp_path / "b.ckpt", AutoEncoder).output_activation == "sigmoid"
