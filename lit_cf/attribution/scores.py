@@ -175,6 +175,7 @@ def attribute_run(
     seed: int = 0,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    before: str | None = None,
 ) -> dict[str, Any]:
     """Local and global attributions of a finished explain run (:class:`lit_cf.explainers.ExplainRun`).
 
@@ -207,6 +208,10 @@ def attribute_run(
         seed: Bootstrap seed.
         batch_size: Images or latents per predictor call.
         device: Device of the predictor calls (default: the predictor's, else CPU).
+        before: The saved tensor the counterfactual is compared with (default: ``query`` for
+            images, ``latent_init`` for latents), e.g. ``prior_image``: the image DISC's fitted
+            prior renders before its first step, so that the score is the edit the method
+            made, without the prior's reconstruction error.
 
     Returns:
         ``{"inputs", "records", "local", "global", "per_class", "desc_query", "desc_cf"}``:
@@ -242,6 +247,10 @@ def attribute_run(
     keys = ("latent_init", "latent") if inputs == "latent" else ("query", "counterfactual")
     if inputs == "latent" and not _has_tensor(run, "latent"):
         raise UserError("this run saved no latents (not a latent method): attribute it with inputs='image'")
+    if before is not None:
+        if not _has_tensor(run, before):
+            raise UserError(f"this run saved no tensor {before!r} to compare the counterfactuals with")
+        keys = (before, keys[1])
     rows = run.manifest
     keep = [i for i, r in enumerate(rows) if r.get("success", True) or not successful_only]
     if not keep:

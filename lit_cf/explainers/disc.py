@@ -40,7 +40,9 @@ class DISCCounterfactual(CounterfactualMethod):
     * **Priors** (``prior``): ``pixels`` (ISO), ``dip``, ``inr`` (:mod:`lit_cf.explainers.priors`).
       A network prior is first *fitted to the query* (the natural reading): up to ``fit_steps``
       Adam steps on ``||x' - x||^2`` at ``fit_lr``, per image until its PSNR reaches
-      ``fit_psnr``. The PSNR reached is recorded per record (``prior_psnr``; 100 dB for pixels).
+      ``fit_psnr``. The PSNR reached is recorded per record (``prior_psnr``; 100 dB for pixels),
+      and the fitted prior's image is saved (``prior_image``): attributions can then score
+      the edit from it (:func:`lit_cf.attribution.attribute_run` with ``before="prior_image"``).
       ``fit_steps: 0`` skips the fit (the prior starts from its random output).
     * **Feature layers** (``feature_layers``): module names of the classifier (as in
       ``named_modules()``); ``None`` = every ``Conv2d`` of the classifier. The features are the
@@ -413,6 +415,7 @@ class DISCCounterfactual(CounterfactualMethod):
             "prior_psnr": self._chunk["psnr"],
             "prior_fit_steps": self._chunk["fit_steps"],
             "prior_target_prob": self._chunk["prior_target_prob"],
+            "prior_image": self._chunk["x0"].clamp(0, 1),
         }
         if self.progressive:
             out["stages"] = torch.stack(stage_images, 1)

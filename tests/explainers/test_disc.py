@@ -306,3 +306,19 @@ def test_dip_explain_records_fit_quality_and_non_progressive_has_no_stages(cnn_c
         run.tensor("stages")
     cf = run.tensor("counterfactual")
     assert cf.shape == (4, 1, 28, 28) and cf.min() >= 0 and cf.max() <= 1
+    # the fitted prior's image is saved: its PSNR to the query is the recorded one
+    prior, query = run.tensor("prior_image"), run.tensor("query")
+    assert prior.shape == cf.shape
+    measured = -10 * torch.log10((prior - query).square().flatten(1).mean(1))
+    torch.testing.assert_close(measured, torch.tensor([r["prior_psnr"] for r in run.manifest]), atol=0.3, rtol=0)
+    # attributions can score the edit from it instead of from the query
+    from lit_cf.attribution import attribute_run
+
+    def brightness(x):
+        return x.flatten(1).mean(1, keepdim=True)
+
+    res = attribute_run(run, brightness, names=["brightness"], successful_only=False, n_boot=0, before="prior_image")
+    torch.testing.assert_close(res["desc_query"], brightness(prior))
+    torch.testing.assert_close(res["desc_cf"], brightness(cf))
+    with pytest.raises(UserError, match="no tensor 'stages' to compare"):
+        attribute_run(run, brightness, names=["brightness"], successful_only=False, n_boot=0, before="stages")
