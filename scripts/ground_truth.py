@@ -13,7 +13,7 @@ replaces 7 everywhere below, including the "7" in the names of the summary's dia
    data in which the mark is on for half of the images (``--aux-mark-rate``), so both can
    read / draw it;
 2. explains non-7 clean test digits towards 7 with every method of ``--methods`` (pixel,
-   latent_attack; ``disc`` is opt-in: ``configs/explain/disc.yaml``), for both classifiers;
+   latent_attack and disc by default), for both classifiers;
 3. ranks the known factors by their global attribution score, the mean over successful
    counterfactuals of ``P_j(after) - P_j(before)`` (``lit_cf.attribution.attribute_run``,
    with 95% bootstrap intervals), per method, classifier and source (below), prints a table
@@ -76,15 +76,17 @@ measurements with the sigmoid generators and no pixel term: the mark ranked seve
 (autoencoder, paper loss, 35% of the attacks never moved) or second (VAE, ``log_prob``,
 +0.084, behind intensity -0.42) on ``image``; with ``--shortcut-class 8`` (VAE) third.
 
-DISC (opt-in) FAILS. Its explain step was run on the full-scale models of the default run
-(duq null, mc_weight 0, as ``--methods disc`` runs it, with ``--disc-args
-"--model.init_args.prior=inr --model.init_args.steps=50 --model.init_args.fit_steps=200"``):
-the mark ranks second on ``recon`` (+0.168, behind intensity -0.355; image: third). With
-``--model.init_args.l2_weight=1.5`` it is second again (+0.203, behind intensity -0.280). The
-DIP prior (``dip_channels=16``, first 50 queries) ranks it third (+0.080, behind intensity
--0.221); for the clean classifier seventh. DISC's counterfactuals are done within 4 to 8
-steps, and the first Adam steps on the prior's weights dim the whole digit, for both
-classifiers.
+DISC settings here (``--disc-args`` adds to or overrides them): no DUQ model (duq null,
+mc_weight 0: these classifiers are plain CNNs), the INR prior (seconds per query on a CPU,
+where DIP takes seconds per step), 50 steps per stage, 200 prior-fit steps and
+``l2_weight`` 5 (``||x' - query||^2``). Measured on the full-scale models of the default run
+(explain step only), on ``recon`` (the edit from the fitted prior's image): without the L2
+term the mark ranks second (+0.168, behind intensity -0.355) / seventh; with weight 1.5 second
+(+0.203, behind intensity -0.280); with weight 5 first (+0.270, 95% CI [+0.250, +0.288]) /
+sixth, and first on ``image`` too, but only 78% / 62% of the queries reach the target. The DIP
+prior without the L2 term (``dip_channels=16``, first 50 queries): third (+0.080) / seventh.
+Without the L2 term DISC is done within 4 to 8 steps, and those first Adam steps on the
+prior's weights dim the whole digit, for both classifiers.
 
 Usage (the defaults are the full scale; the reduced run below took 8 minutes on a shared
 2-core machine, 18 minutes when the cores were busier)::
@@ -92,7 +94,7 @@ Usage (the defaults are the full scale; the reduced run below took 8 minutes on 
     python scripts/ground_truth.py --out runs/ground-truth
     python scripts/ground_truth.py --out runs/gt-small --train-size 10000 --epochs 3 --ae-epochs 8 \\
         --num-queries 100 --threads 1
-    python scripts/ground_truth.py --out runs/gt-disc --methods pixel latent_attack disc
+    python scripts/ground_truth.py --out runs/gt-dip --disc-args '--model.init_args.prior=dip'
 
 Writes ``<out>/summary.json`` (settings, commands, diagnostics, rankings, verdicts), the models
 under ``<out>/models`` and the explain runs under ``<out>/explain``. Exit status 0 on PASS, 1 on
@@ -116,7 +118,7 @@ from script_env import ENV, prepare_out, set_threads  # scripts/ is on sys.path 
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
 KNOWN_METHODS = ("pixel", "latent_attack", "disc")
-DEFAULT_METHODS = ("pixel", "latent_attack")
+DEFAULT_METHODS = ("pixel", "latent_attack", "disc")
 CLASSIFIERS = ("shortcut", "clean")
 LATENT_SOURCES = ("recon", "latent", "image")
 OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
@@ -374,7 +376,7 @@ def main() -> int:
     parser.add_argument("--num-queries", type=int, default=200, help="non-7 test digits explained per method and classifier")
     parser.add_argument(
         "--methods", nargs="+", default=list(DEFAULT_METHODS),
-        help=f"methods among {list(KNOWN_METHODS)} (disc is opt-in: it needs configs/explain/disc.yaml)",
+        help=f"methods among {list(KNOWN_METHODS)}",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every model and explain run")
     parser.add_argument("--shortcut-class", type=int, default=7, choices=range(10), metavar="0..9",
@@ -405,7 +407,8 @@ def main() -> int:
                              "corner, see lit_cf.models.AutoEncoder); the VAE is always sigmoid")
     parser.add_argument(
         "--disc-args", default="",
-        help="extra explain options for disc, e.g. '--model.init_args.steps=50' (default: duq null, mc_weight 0)",
+        help="extra explain options for disc, added after the script's (duq null, mc_weight 0, prior inr, "
+             "steps 50, fit_steps 200, l2_weight 5), e.g. '--model.init_args.prior=dip'",
     )
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the intervals")
     parser.add_argument("--accelerator", default="auto")
@@ -422,7 +425,7 @@ def main() -> int:
     if missing:
         parser.error(
             f"no config for {missing}: expected {[str(C / 'explain' / f'{m}.yaml') for m in missing]} "
-            "(disc is opt-in and needs the DISC method in this checkout)"
+            "(disc needs the DISC method in this checkout)"
         )
     if args.latent_pixel_weight < 0:
         parser.error("--latent-pixel-weight must be >= 0")
@@ -506,8 +509,12 @@ def main() -> int:
             f"--model.init_args.original_prediction={args.latent_original}",
         ],
         # our classifiers are plain CNNs: DISC's manifold-consistency term (a DUQ model) is off
-        # unless --disc-args switches it on (later options override earlier ones)
-        "disc": ["--model.init_args.duq=null", "--model.init_args.mc_weight=0", *shlex.split(args.disc_args)],
+        # unless --disc-args switches it on (later options override earlier ones); see the docstring
+        "disc": [
+            "--model.init_args.duq=null", "--model.init_args.mc_weight=0", "--model.init_args.prior=inr",
+            "--model.init_args.steps=50", "--model.init_args.fit_steps=200", "--model.init_args.l2_weight=5",
+            *shlex.split(args.disc_args),
+        ],
     }
     runs: dict[str, dict[str, Path]] = {}
     for method in methods:
