@@ -115,13 +115,14 @@ from typing import Any
 
 from script_env import ENV, prepare_out, set_threads  # scripts/ is on sys.path when a script runs
 
+from lit_cf.models.autoencoder import OUTPUT_ACTIVATIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
 KNOWN_METHODS = ("pixel", "latent_attack", "disc")
 DEFAULT_METHODS = ("pixel", "latent_attack", "disc")
 CLASSIFIERS = ("shortcut", "clean")
 LATENT_SOURCES = ("recon", "latent", "image")
-OUTPUT_ACTIVATIONS = ("identity", "sigmoid")
 TARGET = 7
 SHORTCUT = "mark"
 # entries this script creates inside --out (removed by --overwrite, nothing else is touched)
@@ -294,31 +295,31 @@ def rankings_of(
     from lit_cf.attribution import attribute_run
     from lit_cf.errors import UserError
 
+    def ranked(res: dict[str, Any]) -> Any:
+        return res["per_class"].get(TARGET, res["global"])
+
     out: dict[str, Any] = {}
     try:
         res_image = attribute_run(run, regressor, inputs="image", n_boot=n_boot, seed=seed, k=3)
     except UserError as err:  # e.g. no successful counterfactual
         return {"image": str(err)}, None
-    out["image"] = res_image["per_class"].get(TARGET, res_image["global"])
-    shift = None
+    out["image"] = ranked(res_image)
+    res_recon = None
     if start_image is not None:
-        res = attribute_run(run, regressor, inputs="image", n_boot=n_boot, seed=seed, k=3, before=start_image)
-        out["recon"] = res["per_class"].get(TARGET, res["global"])
-        mean = (res["desc_query"] - res_image["desc_query"]).mean(0)
-        shift = {n: float(v) for n, v in zip(regressor.names, mean)}
-    if ae is not None:
-        names = list(regressor.names)
+        res_recon = attribute_run(run, regressor, inputs="image", n_boot=n_boot, seed=seed, k=3, before=start_image)
+    elif ae is not None:
 
         def recon_fn(z):
             return regressor.predict_descriptors(ae.decode(z).clamp(0, 1))
 
-        res = attribute_run(run, recon_fn, names=names, inputs="latent", n_boot=n_boot, seed=seed, k=3)
-        out["recon"] = res["per_class"].get(TARGET, res["global"])
-        mean = (res["desc_query"] - res_image["desc_query"]).mean(0)
-        shift = {n: float(v) for n, v in zip(names, mean)}
+        res_recon = attribute_run(run, recon_fn, names=list(regressor.names), inputs="latent", n_boot=n_boot, seed=seed, k=3)
         if latent_pred is not None:
-            res = attribute_run(run, latent_pred, inputs="latent", n_boot=n_boot, seed=seed, k=3)
-            out["latent"] = res["per_class"].get(TARGET, res["global"])
+            out["latent"] = ranked(attribute_run(run, latent_pred, inputs="latent", n_boot=n_boot, seed=seed, k=3))
+    shift = None
+    if res_recon is not None:
+        out["recon"] = ranked(res_recon)
+        mean = (res_recon["desc_query"] - res_image["desc_query"]).mean(0)
+        shift = {n: float(v) for n, v in zip(regressor.names, mean)}
     return out, shift
 
 
@@ -591,7 +592,7 @@ def main() -> int:
         for clf in CLASSIFIERS:
             shift = res["classifiers"][clf]["reconstruction_shift"]
             if shift:
-                print(f"{method} {clf}: reconstruction shift R(decode(z0)) - R(query), part of the image score: "
+                print(f"{method} {clf}: reconstruction shift R(start) - R(query), part of the image score: "
                       + ", ".join(f"{n} {v:+.3f}" for n, v in shift.items()))
     print()
     overall = True
