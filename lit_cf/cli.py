@@ -8,7 +8,9 @@ method of :class:`~lit_cf.trainer.LitCFTrainer` whose signature and docstring ar
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -17,6 +19,9 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lit_cf.callbacks import SampleGridLogger
 from lit_cf.errors import UserError
 from lit_cf.trainer import LitCFTrainer
+from lit_cf.utils.boundary import CreatedPaths, user_message
+
+DEBUG_ENV = "LIT_CF_DEBUG"
 
 
 class FitConfigSaver(SaveConfigCallback):
@@ -52,18 +57,57 @@ class LitCFCLI(LightningCLI):
         )
         return parser
 
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a constructor's refusal (``ValueError``, a missing
+        file) is the user's to fix and becomes one error line."""
+        from lit_cf.cli_checks import check_trainer_config
+
+        check_trainer_config(self.config.get(self.subcommand, self.config) if self.subcommand else self.config)
+        try:
+            super().instantiate_classes()
+        except UserError:
+            raise
+        except (ValueError, TypeError, OSError) as err:
+            message = user_message(err) if isinstance(err, OSError) else str(err).strip().splitlines()[0]
+            raise UserError(f"invalid settings: {message}") from err
+
+    def _parse_ckpt_path(self) -> None:
+        # --ckpt_path of fit/validate/test/predict: read weights-only, every class path checked,
+        # before LightningCLI parses (and imports) the hyperparameters it holds
+        from lit_cf.cli_checks import check_ckpt_path
+
+        check_ckpt_path(self.config)
+        super()._parse_ckpt_path()
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "evaluate":
+            kwargs.pop("model", None)  # evaluate loads its models from checkpoints
+        if kwargs.get("ckpt_path"):
+            kwargs["weights_only"] = True  # Lightning's own load of --ckpt_path: no unpickling either
+        return kwargs
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        from lit_cf.cli_checks import check_before_run
+
+        created = CreatedPaths()
+        if subcommand != "explain":  # a failed explain keeps its committed chunks to resume
+            for path in _output_paths(self.trainer):
+                created.watch(path)
+        try:
+            check_before_run(subcommand, self)  # data and num_classes: before any logger folder exists
+            super()._run_subcommand(subcommand)
+        except Exception as err:
+            if user_message(err) is not None:
+                created.remove_new()
+            raise
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(SampleGridLogger, "sample_grid")
 
     def before_explain(self) -> None:
         # the resolved config goes into the run directory next to the counterfactuals
         self.trainer.explain_config_yaml = self.parser.dump(self.config, skip_none=False)
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand == "evaluate":
-            kwargs.pop("model", None)  # evaluate loads its models from checkpoints
-        return kwargs
 
     def before_evaluate(self) -> None:
         self.trainer.evaluate_config_yaml = self.parser.dump(self.config, skip_none=False)
@@ -85,15 +129,42 @@ def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:
     )
 
 
+def _output_paths(trainer: Any) -> list[Any]:
+    """Folders a verb may create: logger folders, checkpoint folders, ``default_root_dir``."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    paths = [trainer.default_root_dir]
+    for logger in trainer.loggers:
+        # log_dir of these loggers is computed without creating anything; others may start a run
+        paths.append(logger.log_dir if isinstance(logger, (CSVLogger, TensorBoardLogger)) else getattr(logger, "save_dir", None))
+    paths += [getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks]
+    return paths
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lit-cf`` and ``python -m lit_cf``; tests call it in-process with ``args``.
 
-    Bad input (a :class:`~lit_cf.errors.UserError`) prints one line and exits with status 2.
+    Every expected failure (a :class:`~lit_cf.errors.UserError`, a missing or damaged file, a
+    full disk, permissions; see :func:`lit_cf.utils.boundary.user_message`) prints one line
+    ``lit-cf: error: ...`` and exits with status 2, without a traceback; what the failed command
+    created is removed. ``--debug`` (or ``LIT_CF_DEBUG=1``) shows the traceback as well.
     """
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if args is None and "--debug" in sys.argv[1:]:
+        sys.argv = [a for a in sys.argv if a != "--debug"]
+        debug = True
+    elif isinstance(args, (list, tuple)) and "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        debug = True
     try:
         build_cli(args)
-    except UserError as err:
-        print(f"lit-cf: error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"lit-cf: error: {' '.join(message.split())}", file=sys.stderr)
         raise SystemExit(2) from err
 
 

@@ -150,18 +150,16 @@ def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int, device:
 
 
 def _has_tensor(run: Any, key: str) -> bool:
-    """Whether the run saved tensor ``key`` (reads one shard's header, not the tensors)."""
+    """Whether the run saved tensor ``key``: asked through :class:`lit_cf.runs.ExplainRun`
+    (which verifies the shard it reads), or, for another run-like object, by reading it."""
+    has = getattr(run, "has_tensor", None)
+    if callable(has):
+        return bool(has(key))
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(run.dir.shards / run.manifest[0]["shard"]), framework="pt") as f:
-            return key in f.keys()
-    except (AttributeError, KeyError, IndexError, TypeError):
-        try:  # another run-like object: ask it
-            run.tensor(key)
-        except UserError:
-            return False
-        return True
+        run.tensor(key)
+    except UserError:
+        return False
+    return True
 
 
 def attribute_run(
@@ -177,7 +175,7 @@ def attribute_run(
     device: torch.device | str | None = None,
     before: str | None = None,
 ) -> dict[str, Any]:
-    """Local and global attributions of a finished explain run (:class:`lit_cf.explainers.ExplainRun`).
+    """Local and global attributions of a finished explain run (:class:`lit_cf.runs.ExplainRun`).
 
     Descriptors are predicted either from latents or from images (``inputs``):
 

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from lit_cf.data.base import ImageDataModule, IndexedSubset, split_indices
 from lit_cf.errors import UserError
+from lit_cf.runs import ExplainRun
 
 
 class _Pool(Dataset):
@@ -78,8 +79,6 @@ class CounterfactualDataModule(ImageDataModule):
     def pool(self) -> _Pool:
         """All samples of all runs (read once)."""
         if self._pool is None:
-            from lit_cf.explainers.rundir import ExplainRun
-
             images, labels, kinds = [], [], []
             for root in self.runs:
                 run = ExplainRun(root)  # raises a UserError naming the run if it is missing or unfinished

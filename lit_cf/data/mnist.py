@@ -33,7 +33,7 @@ import errno
 import gzip
 import os
 import shutil
-import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from lit_cf.data.base import ImageDataModule, IndexedSubset, split_indices
+from lit_cf.errors import UserError
+from lit_cf.runs.atomic import atomic_write
 
 __all__ = [
     "FASHION_MNIST_CLASS_NAMES",
@@ -219,10 +221,13 @@ class TorchvisionIDXDataModule(ImageDataModule):
         absent = [name for name in missing if name not in packed]
         if not self.download:
             raise FileNotFoundError(self._missing_message(absent))
+        created = _missing_ancestors(raw)  # folders the download creates; removed if it fails
         try:
             # torchvision downloads (and md5-checks) the .gz files, then unpacks them
             self.torchvision_cls(self.root, train=True, download=True)
         except Exception as err:  # no network, read-only root, bad mirror, ...
+            for folder in created:
+                shutil.rmtree(folder, ignore_errors=True)
             reason = f"Downloading it with torchvision failed ({type(err).__name__}: {_one_line(err)}). "
             raise FileNotFoundError(self._missing_message(absent, reason)) from err
         still = [name for name in IDX_FILES if not (raw / name).is_file()]
@@ -235,19 +240,22 @@ class TorchvisionIDXDataModule(ImageDataModule):
             raise PermissionError(self._read_only_message(names))
         for name in names:
             source = raw / f"{name}.gz"
-            tmp: str | None = None
-            try:
-                fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".part")
-                with os.fdopen(fd, "wb") as out, gzip.open(source, "rb") as packed:
+
+            def unpack(tmp: Path, source: Path = source) -> None:
+                with open(tmp, "wb") as out, gzip.open(source, "rb") as packed:
                     shutil.copyfileobj(packed, out, length=1 << 20)
-                os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-                os.replace(tmp, raw / name)
-            except (OSError, EOFError) as err:
-                if tmp is not None:
-                    Path(tmp).unlink(missing_ok=True)
+
+            try:
+                atomic_write(raw / name, unpack)
+            except (OSError, EOFError, zlib.error) as err:
                 if isinstance(err, PermissionError) or getattr(err, "errno", None) == errno.EROFS:
                     raise PermissionError(self._read_only_message(names)) from err
-                raise RuntimeError(f"could not unpack {source}: {err}; the file may be truncated or corrupt") from err
+                if getattr(err, "errno", None) == errno.ENOSPC:
+                    raise
+                raise UserError(
+                    f"could not unpack {source}: {_one_line(err)}; the file is truncated or corrupt: "
+                    "replace it with an intact copy"
+                ) from err
 
     def _read_only_message(self, names: list[str]) -> str:
         raw = self.raw_folder
@@ -265,7 +273,15 @@ class TorchvisionIDXDataModule(ImageDataModule):
         """The official train (``train=True``) or test split as float tensors (cached)."""
         if train not in self._official:
             self.prepare_data()
-            ds = self.torchvision_cls(self.root, train=train, download=False)
+            try:
+                ds = self.torchvision_cls(self.root, train=train, download=False)
+            except (AssertionError, ValueError, RuntimeError, EOFError) as err:
+                # torchvision's IDX reader asserts on a bad magic number and fails on short files
+                raise UserError(
+                    f"cannot read the {self.dataset_name} {'train' if train else 'test'} files in {self.raw_folder}: "
+                    f"they are damaged or not IDX files ({type(err).__name__}: {_one_line(err) or 'bad header'}); "
+                    "replace them with intact copies"
+                ) from err
             data, targets = ds.data, ds.targets
             if data.ndim != 3 or tuple(data.shape[1:]) != self.image_shape[1:] or len(data) != len(targets):
                 raise ValueError(
@@ -322,3 +338,12 @@ class FashionMNISTDataModule(TorchvisionIDXDataModule):
 def _one_line(err: BaseException, limit: int = 300) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """The outermost folder of ``path`` that does not exist yet (empty if all exist)."""
+    top = None
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        top, probe = probe, probe.parent
+    return [top] if top is not None else []

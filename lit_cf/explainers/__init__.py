@@ -5,7 +5,7 @@ from lit_cf.explainers.deepinversion import DeepInversionCounterfactual
 from lit_cf.explainers.disc import DISCCounterfactual
 from lit_cf.explainers.latent import LatentAttack, LatentLinearEdit
 from lit_cf.explainers.pixel import PixelCounterfactual
-from lit_cf.explainers.rundir import ExplainRun
+from lit_cf.runs import ExplainRun
 
 __all__ = [
     "CounterfactualMethod",

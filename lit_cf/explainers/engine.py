@@ -28,9 +28,9 @@ from lit_cf import __version__
 from lit_cf.errors import UserError
 from lit_cf.explainers.base import CounterfactualMethod
 from lit_cf.explainers.grids import write_grids
-from lit_cf.explainers.rundir import RunDir, atomic_write_text, check_writable
 from lit_cf.explainers.targets import resolve_targets
 from lit_cf.models.base import ImageClassifier
+from lit_cf.runs import RunDir, atomic_write_text, check_output_dir
 from lit_cf.utils.checkpoint import file_sha256, load_module
 
 SELECT = ("all", "correct", "misclassified")
@@ -228,14 +228,20 @@ def run_explain(
         raise UserError(f"select must be one of {list(SELECT)}, got {select!r}")
     if chunk_size < 1:
         raise UserError(f"chunk_size must be >= 1, got {chunk_size}")
+    if num_queries is not None and num_queries < 1:
+        raise UserError(f"num_queries must be >= 1, got {num_queries}")
+    if num_grid_images < 0:
+        raise UserError(f"num_grid_images must be >= 0, got {num_grid_images}")
+    if source_class is not None and source_class < 0:
+        raise UserError(f"source_class must be a class index >= 0, got {source_class}")
     limit = trainer.limit_predict_batches
     if trainer.fast_dev_run or (limit is not None and (isinstance(limit, int) or limit < 1.0)):
         raise UserError(
             "explain runs every query: remove fast_dev_run / limit_predict_batches from the trainer settings "
             "(select fewer queries with num_queries or indices instead)"
         )
+    check_output_dir(output_dir)  # before any work: refuses "", files, and folders that are not lit-cf runs
     rundir = RunDir(Path(output_dir))
-    check_writable(rundir.root)
 
     model = load_module(classifier, ImageClassifier)
     data_classes = getattr(datamodule, "num_classes", None)
@@ -244,6 +250,8 @@ def run_explain(
             f"the classifier has {model.num_classes} classes but {type(datamodule).__name__} has {data_classes}: "
             "explain it on the data it was trained for"
         )
+    if source_class is not None and source_class >= model.num_classes:
+        raise UserError(f"source_class {source_class} is out of range: the classifier has classes 0..{model.num_classes - 1}")
     if not hasattr(datamodule, "dataset"):
         raise UserError(f"{type(datamodule).__name__} is not a lit-cf datamodule (it has no dataset(split))")
     try:
@@ -322,7 +330,7 @@ def run_explain(
     trainer.strategy.barrier("explain-merge")
     if not trainer.is_global_zero:
         return rundir.root
-    rows = rundir.merge(len(records))
+    rows, integrity = rundir.merge(len(records))
     grids = write_grids(rundir, rows, num_grid_images)
     success = sum(r["success"] for r in rows) / len(rows)
     rundir.finish(
@@ -331,6 +339,7 @@ def run_explain(
             "success_rate": success,
             "mean_steps": sum(r["steps"] for r in rows) / len(rows),
             "grids": [str(g.relative_to(rundir.root)) for g in grids],
+            **integrity,
         }
     )
     for logger in trainer.loggers:

@@ -10,28 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from lit_cf.report.images import comparison_rows, signed_difference
 
-def signed_difference(query: Tensor, counterfactual: Tensor) -> Tensor:
-    """RGB map of ``cf - query`` summed over channels: red where the CF adds, blue where it removes.
-
-    Each image is scaled by its own largest absolute change so small edits stay visible.
-    """
-    diff = (counterfactual - query).sum(1, keepdim=True)
-    scale = diff.flatten(1).abs().amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
-    d = diff / scale
-    pos, neg = d.clamp(min=0), (-d).clamp(min=0)
-    return torch.cat([1 - neg, 1 - pos - neg, 1 - pos], dim=1).clamp(0, 1)
-
-
-def comparison_rows(query: Tensor, counterfactual: Tensor) -> Tensor:
-    """Interleave query, counterfactual and difference map: ``[3B, 3, H, W]`` for a 3-column grid."""
-    to_rgb = (lambda x: x.expand(-1, 3, -1, -1)) if query.shape[1] == 1 else (lambda x: x)
-    triples = torch.stack([to_rgb(query), to_rgb(counterfactual), signed_difference(query, counterfactual)], 1)
-    return triples.flatten(0, 1)
+__all__ = ["comparison_rows", "signed_difference", "write_grids", "save_png"]
 
 
 def write_grids(rundir: Any, rows: list[dict[str, Any]], num_images: int, per_grid: int = 16) -> list[Path]:
@@ -43,7 +27,7 @@ def write_grids(rundir: Any, rows: list[dict[str, Any]], num_images: int, per_gr
     queries, cfs, stages = [], [], []
     for r in chosen:
         if r["shard"] not in cache:
-            cache[r["shard"]] = load_file(str(rundir.shards / r["shard"]))
+            cache[r["shard"]] = rundir.load_shard(r["shard"])
         shard = cache[r["shard"]]
         queries.append(shard["query"][r["row"]])
         cfs.append(shard["counterfactual"][r["row"]])
@@ -76,10 +60,7 @@ def _write_progressions(out_dir: Path, query: Tensor, stages: Tensor, per_grid: 
 
 def save_png(grid: Tensor, path: Path) -> Path:
     """Write an image grid as PNG atomically (through a temporary file beside it)."""
-    from lit_cf.explainers.rundir import atomic_write_bytes
+    from lit_cf.runs.atomic import atomic_write
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_image(grid, tmp, format="png")
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
     return path

@@ -23,15 +23,21 @@ def read_target_file(path: str | Path) -> dict[int, list[int]]:
     table: dict[int, list[int]] = {}
     try:
         if path.suffix.lower() == ".json":
-            for key, value in json.loads(path.read_text()).items():
-                table[int(key)] = [int(v) for v in (value if isinstance(value, list) else [value])]
+            obj = json.loads(path.read_text())
+            if not isinstance(obj, dict):
+                raise ValueError(f"the file holds a JSON {type(obj).__name__}, not an object")
+            for key, value in obj.items():
+                values = value if isinstance(value, list) else [value]
+                if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+                    raise ValueError(f"index {key}: target {json.dumps(value)} is not a class index or a list of them")
+                table[int(key)] = list(values)
         else:
             with open(path, newline="") as f:
                 for row in csv.reader(f):
                     if not row or not row[0].strip().lstrip("-").isdigit():
                         continue  # header or blank line
                     table.setdefault(int(row[0]), []).append(int(row[1]))
-    except (ValueError, IndexError, json.JSONDecodeError) as err:
+    except (ValueError, IndexError, UnicodeDecodeError, OSError) as err:
         raise UserError(f"cannot parse target file {path}: expected JSON {{index: target}} or CSV index,target ({err})") from err
     return table
 

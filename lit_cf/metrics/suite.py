@@ -24,8 +24,6 @@ from torchvision.utils import make_grid
 
 from lit_cf import __version__
 from lit_cf.errors import UserError
-from lit_cf.explainers.grids import comparison_rows
-from lit_cf.explainers.rundir import ExplainRun, atomic_write_text
 from lit_cf.metrics.closeness import LpDistance, PerceptualDistance
 from lit_cf.metrics.cout import COUT
 from lit_cf.metrics.descriptors import MNAC, CorrelationDifference
@@ -37,6 +35,8 @@ from lit_cf.metrics.validity import Validity
 from lit_cf.models.base import ImageClassifier, freeze
 from lit_cf.models.descriptors import DescriptorPredictor
 from lit_cf.models.duq import DUQClassifier
+from lit_cf.report.images import comparison_rows
+from lit_cf.runs import ExplainRun, atomic_write_text
 from lit_cf.utils.checkpoint import file_sha256, load_module
 
 LP = (1.0, 1.5, 2.0)
@@ -91,6 +91,15 @@ def _check_run_against_data(run: ExplainRun, datamodule: L.LightningDataModule, 
                 f"run {name}: its query for dataset index {r['index']} is not the image the given data holds "
                 "there (different dataset, split, seed or corruption)"
             )
+
+
+def _is_evaluation_dir(path: Path) -> bool:
+    """Whether ``path`` holds an earlier ``lit-cf evaluate`` output (its ``metrics.json``)."""
+    try:
+        payload = json.loads((path / "metrics.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("meta"), dict) and "lit-cf" in payload["meta"]
 
 
 def _is_nan(v: Any) -> bool:
@@ -382,16 +391,27 @@ def run_evaluate(
     run_names = list(names) if names else [Path(r).name for r in runs]
     if len(set(run_names)) != len(run_names):
         raise UserError(f"run names must be unique, got {run_names}: pass names: [...] to tell the runs apart")
+    for key, value, low in (("batch_size", batch_size, 1), ("cout_steps", cout_steps, 1), ("num_grid_images", num_grid_images, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"{key} must be an integer >= {low}, got {value}")
+    if not str(output_dir).strip():
+        raise UserError("output_dir is empty: name the folder to write the evaluation into")
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} is not empty: choose a new output_dir or pass overwrite: true")
     probe = out
-    while not probe.exists():
+    while not probe.exists() and not probe.is_symlink():
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"output directory {out}: {probe} exists and is not a directory")
-    if not os.access(probe, os.W_OK):
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"output directory {out} is not writable")
+    if probe == out and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} is not empty: choose a new output_dir or pass overwrite: true")
+        if not _is_evaluation_dir(out):  # overwrite replaces an evaluation, never other files
+            raise UserError(
+                f"{out} is not empty and holds no lit-cf evaluation (no valid metrics.json): "
+                "choose an empty or new folder (nothing was changed)"
+            )
     device = trainer.strategy.root_device
     loaded = []
     for i, path in enumerate(runs):

@@ -45,11 +45,61 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+#: packages whose classes a checkpoint may name (``_class_path`` and nested ``class_path``)
+TRUSTED_PACKAGES = ("lit_cf", "torch", "torchvision", "torchmetrics")
+
+
+def trusted_module(module_name: str) -> bool:
+    """Whether ``module_name`` lies under one of :data:`TRUSTED_PACKAGES`."""
+    return any(module_name == p or module_name.startswith(p + ".") for p in TRUSTED_PACKAGES)
+
+
+def class_paths(obj: Any, where: str = "hyper_parameters") -> list[tuple[str, Any]]:
+    """Every ``class_path`` / ``_class_path`` value in a (nested) hyperparameter structure."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("class_path", "_class_path", "_instantiator"):
+                found.append((f"{where}.{key}", value))
+            else:
+                found.extend(class_paths(value, f"{where}.{key}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            found.extend(class_paths(value, f"{where}[{i}]"))
+    return found
+
+
+def check_class_paths(hparams: Any, path: str | Path) -> None:
+    """Refuse a checkpoint that names a class outside :data:`TRUSTED_PACKAGES` anywhere.
+
+    The one exception is the top-level ``_class_path`` of a module that is already imported
+    (a class the user defined and imported in-process): checking it imports nothing.
+
+    The config parser imports every ``class_path`` it rebuilds (e.g. a backbone's), and an
+    import runs module code: nothing read from a file may decide what is imported.
+    """
+    for where, value in class_paths(hparams):
+        if where.endswith("._instantiator"):
+            if value != "lightning.pytorch.cli.instantiate_module":
+                raise CheckpointError(f"{path} names an unknown instantiator {value!r} ({where}): refused")
+            continue
+        module_name = value.rpartition(".")[0] if isinstance(value, str) else ""
+        # the model's own class may come from a module the user imported (a notebook, a test):
+        # that imports nothing; nested classes (backbones, ...) must be trusted packages'
+        own_and_loaded = where == "hyper_parameters._class_path" and module_name in sys.modules
+        if not (isinstance(value, str) and module_name and (trusted_module(module_name) or own_and_loaded)):
+            raise CheckpointError(
+                f"{path} names class {value!r} ({where}), outside {', '.join(TRUSTED_PACKAGES)}: refused, "
+                "nothing was imported (a checkpoint must not decide what code runs)"
+            )
+
+
 def checkpoint_class(path: str | Path) -> tuple[type, dict[str, Any]]:
     """The class a ``lit-cf fit`` checkpoint records (``_class_path``) and its hyperparameters.
 
-    Importing runs module code, so only lit-cf's own modules, or modules already imported, are
-    imported. Nothing is instantiated.
+    Importing runs module code, so every class the checkpoint names (also nested ones, e.g. a
+    backbone's) must lie under :data:`TRUSTED_PACKAGES`; nothing is imported otherwise, and
+    nothing is instantiated.
     """
     hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
     class_path = hparams.get("_class_path")
@@ -58,12 +108,8 @@ def checkpoint_class(path: str | Path) -> tuple[type, dict[str, Any]]:
             f"{path} does not record its model class (`_class_path`); checkpoints written by `lit-cf fit` do. "
             "Re-train with the CLI or save with LightningCLI."
         )
+    check_class_paths(hparams, path)
     module_name, _, cls_name = class_path.rpartition(".")
-    if module_name not in sys.modules and not module_name.startswith("lit_cf."):
-        raise CheckpointError(
-            f"{path} names class {class_path!r} from a module that is not part of lit-cf and not imported; "
-            "import it yourself first if you trust this checkpoint"
-        )
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError, ValueError) as err:

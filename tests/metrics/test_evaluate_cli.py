@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lit_cf.cli import main
+from lit_cf.runs import RunDir
 from lit_cf.explainers import ExplainRun
 from tests.conftest import CONFIGS, fit_checkpoint
 
@@ -115,7 +116,7 @@ def test_evaluate_rejects_bad_runs(setup, cnn_ckpt, duq_ckpt, tmp_path, capsys):
     # an incomplete run
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "run.json").write_text(json.dumps({"status": "running"}))
+    RunDir(broken).write_meta({"status": "running"})
     expect(evaluate_args([broken], out, oracle, cnn_ckpt, duq_ckpt), "not a complete explain run")
     # another datamodule altogether
     from tests.fixtures import write_idx_dataset
