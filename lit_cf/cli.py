@@ -68,7 +68,8 @@ class LitCFCLI(LightningCLI):
         except UserError:
             raise
         except (ValueError, TypeError, OSError) as err:
-            message = user_message(err) if isinstance(err, OSError) else str(err).strip().splitlines()[0]
+            cause = _root_cause(err)  # jsonargparse wraps the constructor's own message
+            message = user_message(cause) or (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise UserError(f"invalid settings: {message}") from err
 
     def _parse_ckpt_path(self) -> None:
@@ -127,6 +128,17 @@ def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain (the constructor's own error under jsonargparse's)."""
+    seen = {id(err)}
+    while True:
+        nxt = err.__cause__ or err.__context__
+        if nxt is None or id(nxt) in seen:
+            return err
+        seen.add(id(nxt))
+        err = nxt
 
 
 def _output_paths(trainer: Any) -> list[Any]:

@@ -49,7 +49,8 @@ def check_trainer_config(config: Any) -> None:
         value = _get(trainer, key)
         if value is None or isinstance(value, bool):
             continue
-        if isinstance(value, int) and value < 0 or isinstance(value, float) and not 0.0 <= value <= 1.0:
+        # Lightning reads a whole float above 1 (2.0, from YAML's int|float) as a batch count
+        if value < 0 or isinstance(value, float) and value > 1.0 and not value.is_integer():
             raise UserError(f"trainer.{key} must be a batch count >= 0 or a fraction in [0, 1], got {value}")
 
 
