@@ -281,3 +281,11 @@ def test_user_message_maps_expected_failures():
     assert "is a file, not a directory" in user_message(NotADirectoryError(errno.ENOTDIR, "Not a directory", "/f/x"))
     assert "invalid JSON" in user_message(json.JSONDecodeError("Expecting value", "x", 0))
     assert user_message(KeyError("a bug")) is None and user_message(RuntimeError("a bug")) is None
+
+
+def test_a_valid_ckpt_path_still_loads_for_test_and_fit(cnn_ckpt, tmp_path):
+    logs = tmp_path / "logs"
+    base = fit_args(logs)
+    main(["test", *base[1:], f"--ckpt_path={cnn_ckpt}"])
+    main([*base, "--trainer.max_epochs=4", f"--ckpt_path={cnn_ckpt}"])  # resumes after its 3 epochs
+    assert list(logs.rglob("*.ckpt"))
