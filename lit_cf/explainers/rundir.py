@@ -4,6 +4,7 @@ Layout of ``output_dir``::
 
     run.json              plan + status ("running" until the merge, then "complete")
     config.yaml           the resolved CLI config (when run from the CLI)
+    classifier.ts         TorchScript copy of an in-memory classifier (Python API), for evaluate
     records.jsonl         the planned (query, target) records with the original prediction
     shards/chunk-000012.safetensors   tensors of one chunk (counterfactual, query, extras)
     shards/chunk-000012.jsonl         manifest rows of that chunk; written last = chunk done
@@ -91,7 +92,7 @@ def check_writable(output_dir: Path) -> None:
         raise UserError(f"output directory {output_dir}: {probe_parent} exists and is not a directory")
     if not os.access(probe_parent, os.W_OK | os.X_OK):
         raise UserError(f"output directory {output_dir} is not writable ({probe_parent} denies writing); choose another")
-    lit_cf_files = {"run.json", "config.yaml", "records.jsonl", "manifest.jsonl", "shards", "grids"}
+    lit_cf_files = {"run.json", "config.yaml", "records.jsonl", "manifest.jsonl", "shards", "grids", "classifier.ts"}
     if output_dir.exists() and any(p.name not in lit_cf_files and not p.name.endswith(".tmp") for p in output_dir.iterdir()):
         raise UserError(
             f"output directory {output_dir} is not empty and holds no lit-cf explain run: choose an empty or new folder"
@@ -124,7 +125,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove the files lit-cf wrote here (for an explicit overwrite); ``run.json`` goes last."""
-        for name in ("manifest.jsonl", "config.yaml", "records.jsonl"):
+        for name in ("manifest.jsonl", "config.yaml", "records.jsonl", "classifier.ts"):
             (self.root / name).unlink(missing_ok=True)
         for folder in (self.shards, self.root / "grids"):
             shutil.rmtree(folder, ignore_errors=True)
