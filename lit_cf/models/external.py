@@ -216,13 +216,17 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             raise UserError(f"cannot read safetensors weights {path}: {_first_line(err)}") from err
     if is_torchscript(path):
         return dict(_load_torchscript(path).state_dict())
+    import pickle
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle that needs unsafe globals is refused here
+    except pickle.UnpicklingError as err:  # a pickle that needs unsafe globals: never unpickled
         raise UserError(
-            f"refused to read {path}: not a weights-only state dict (torch.load with weights_only=True failed: "
+            f"refused to read {path}: it is not a weights-only state dict (it asks to unpickle other objects: "
             f"{_first_line(err)}); save weights with torch.save(model.state_dict(), ...) or safetensors"
         ) from err
+    except Exception as err:  # truncated or not a torch file
+        raise UserError(f"cannot read weights {path}: corrupt, truncated or not a state dict ({_first_line(err)})") from err
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]  # a checkpoint-like dict that holds the weights
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
