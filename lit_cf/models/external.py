@@ -221,9 +221,10 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # a pickle that needs unsafe globals: never unpickled
+        asked = next((ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln), "objects other than tensors")
         raise UserError(
-            f"refused to read {path}: it is not a weights-only state dict (it asks to unpickle other objects: "
-            f"{_first_line(err)}); save weights with torch.save(model.state_dict(), ...) or safetensors"
+            f"refused to read {path}: it is not a weights-only state dict and was not unpickled ({asked}); "
+            "save weights with torch.save(model.state_dict(), ...) or as .safetensors"
         ) from err
     except Exception as err:  # truncated or not a torch file
         raise UserError(f"cannot read weights {path}: corrupt, truncated or not a state dict ({_first_line(err)})") from err
