@@ -155,13 +155,17 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
 
 
 def state_sha256(module: nn.Module | Any) -> str | None:
-    """SHA-256 over a module's state dict (names, dtypes, shapes, values): its weights' identity."""
+    """SHA-256 over a module's state dict (dtypes, shapes and values in name order): its weights' identity.
+
+    Names are left out of the hash on purpose: the same weights wrapped differently (a module
+    inside ``nn.Sequential`` with a normalisation layer, its TorchScript export) keep their identity.
+    """
     if not isinstance(module, nn.Module):
         return None
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for _, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
