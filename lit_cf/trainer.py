@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
@@ -21,7 +22,7 @@ class LitCFTrainer(L.Trainer):
         self,
         model: CounterfactualMethod,
         datamodule: L.LightningDataModule,
-        classifier: str,
+        classifier: dict[str, Any] | str,
         output_dir: str,
         split: str = "test",
         indices: list[int] | None = None,
@@ -48,8 +49,18 @@ class LitCFTrainer(L.Trainer):
             model: The counterfactual method (``class_path`` + ``init_args``), e.g.
                 ``lit_cf.explainers.PixelCounterfactual``.
             datamodule: Where the queries come from (any lit-cf datamodule).
-            classifier: Checkpoint (``.ckpt``) of the classifier to explain, written by
-                ``lit-cf fit``; its class is read from the checkpoint.
+            classifier: The classifier to explain: a ``.ckpt`` written by ``lit-cf fit``; a
+                TorchScript file (recognised from its content); or a mapping for any
+                ``nn.Module``: ``{module: {class_path: torchvision.models.resnet18, init_args:
+                {num_classes: 3}}, weights: model.safetensors, input_mean: [0.485, 0.456,
+                0.406], input_std: [0.229, 0.224, 0.225], output: logits, class_names: [cat,
+                dog, fox]}``. ``weights``: ``.safetensors``, a weights-only ``.pt``/``.pth``
+                state dict or a TorchScript file; ``input_mean``/``input_std`` (optional) are
+                applied inside the wrapper, so counterfactuals stay in ``[0, 1]``; ``output``
+                is ``logits``, ``probabilities`` or ``binary_logit`` (one logit: two classes);
+                ``class_names`` optional. ``{path: model.ts, input_mean: ..., output: ...}``
+                gives normalisation to a TorchScript file. The run records the source
+                (path, SHA-256, class path).
             output_dir: Run directory (created; must be new, empty, or an earlier run of the
                 same command).
             split: Split of ``datamodule`` to explain (``train``, ``val``, ``test``, ...).
@@ -99,11 +110,11 @@ class LitCFTrainer(L.Trainer):
         datamodule: L.LightningDataModule,
         runs: list[str],
         output_dir: str,
-        oracles: dict[str, str] | None = None,
-        feature_network: str | None = None,
+        oracles: dict[str, dict[str, Any] | str] | None = None,
+        feature_network: dict[str, Any] | str | None = None,
         duq: str | None = None,
         descriptors: str | None = None,
-        classifier: str | None = None,
+        classifier: dict[str, Any] | str | None = None,
         names: list[str] | None = None,
         batch_size: int = 256,
         cout_steps: int = 50,
@@ -121,18 +132,25 @@ class LitCFTrainer(L.Trainer):
             datamodule: The data the runs were explained on.
             runs: Explain run directories; several are evaluated together into one table.
             output_dir: Folder for metrics and report (new or empty unless ``overwrite``).
-            oracles: ``{name: checkpoint}`` of independently trained classifiers; OS_k/OTA_k
-                per oracle (an oracle identical to the explained classifier is masked).
-            feature_network: Checkpoint of an in-project classifier whose backbone features
-                give ``fid_domain``, ``sfid_domain`` and ``perceptual_domain`` (not Inception
-                or VGG: none is available offline, and the names say so).
+            oracles: ``{name: classifier}`` of independently trained classifiers, each a
+                source as for ``explain --classifier`` (``.ckpt``, TorchScript or a module
+                mapping); OS_k/OTA_k per oracle (an oracle identical to the explained
+                classifier is masked).
+            feature_network: A classifier (any source as above) whose features give
+                ``fid_domain``, ``sfid_domain`` and ``perceptual_domain`` (not Inception or VGG:
+                none is available offline, and the names say so). For a module that lit-cf
+                did not train, a mapping may name ``feature_layers`` (e.g. ``[net.layer1,
+                net.layer2]``); otherwise one layer per resolution stage is chosen, and
+                ``metrics.json`` says which.
             duq: Checkpoint of a DUQ model: certainty of counterfactuals and queries.
             descriptors: Checkpoint of a :class:`~lit_cf.models.DescriptorPredictor`: MNAC
                 (and CD when the data has a binary target attribute); on the rendered digits
                 with a factor regressor, ground-truth scores (``gt_nuisance_change``: did the
                 counterfactual leave the nuisance factors alone; ``gt_change_<factor>``).
-            classifier: Override of the explained classifier's checkpoint path (must be the
-                same file the runs recorded).
+            classifier: The explained classifier, when the run cannot rebuild it alone (a
+                module mapping: its class path is only ever taken from the command line or
+                config) or to point at a moved file; its weights must be the ones the runs
+                recorded (checksum).
             names: Row names for the runs (default: the run folder names).
             batch_size: Images per metric batch.
             cout_steps: Insertion steps of COUT.

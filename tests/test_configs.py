@@ -62,6 +62,8 @@ def test_every_config_is_covered():
     covered = set(GRAY_MODELS + CELEBA_MODELS + DATA_CONFIGS + TRAINER_CONFIGS + LOGGER_CONFIGS + EXPLAIN_CONFIGS)
     # need a trained generator (and a direction file): run through the CLI in tests/explainers/test_latent.py
     covered |= {"explain/latent_attack.yaml", "explain/latent_linear_edit.yaml"}
+    # your own images: explained with every method in tests/explainers/test_any_classifier.py
+    covered |= {"data/image_folder.yaml"}
     assert shipped == covered, f"configs without a test: {sorted(shipped - covered)}"
 
 

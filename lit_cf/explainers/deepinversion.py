@@ -85,6 +85,14 @@ class DeepInversionCounterfactual(CounterfactualMethod):
         self._bn_inputs.append((module, inputs[0]))
 
     def init_latents(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self._hooks and self.bn_weight and getattr(self.classifier, "scripted", False):
+            import warnings
+
+            warnings.warn(
+                "the classifier is TorchScript: its BatchNorm statistics cannot be observed, so DeepInversion runs without "
+                "the BN term; give it as {module: ..., weights: <the TorchScript file>} to keep it",
+                stacklevel=2,
+            )
         if not self._hooks:
             # registered here, inside the predict loop, so the method stays picklable for ddp_spawn
             self._hooks = [

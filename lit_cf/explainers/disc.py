@@ -221,6 +221,11 @@ class DISCCounterfactual(CounterfactualMethod):
         """Names of the preserved classifier layers (checked here, at attach time)."""
         if not self.feature_weight:
             return []
+        if getattr(self.classifier, "scripted", False):  # lit_cf.models.ExternalClassifier around TorchScript
+            raise UserError(
+                "DISC's feature preservation observes the classifier's layers, which TorchScript does not allow: give the "
+                "classifier as {module: {class_path: ...}, weights: <the TorchScript file>} or set feature_weight: 0"
+            )
         modules = dict(self.classifier.named_modules())
         if self.feature_layers is None:
             names = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]

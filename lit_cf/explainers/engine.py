@@ -30,8 +30,8 @@ from lit_cf.explainers.base import CounterfactualMethod
 from lit_cf.explainers.grids import write_grids
 from lit_cf.explainers.targets import resolve_targets
 from lit_cf.models.base import ImageClassifier
+from lit_cf.models.external import ClassifierSource, export_classifier, load_classifier
 from lit_cf.runs import RunDir, atomic_write_text, check_output_dir
-from lit_cf.utils.checkpoint import file_sha256, load_module
 
 SELECT = ("all", "correct", "misclassified")
 
@@ -189,6 +189,8 @@ def select_queries(
     else:
         chosen = list(range(n))
     if source_class is not None:
+        if chosen and int(data[chosen[0]]["label"]) < 0:
+            raise UserError("source_class needs labelled images, but these have none (a flat image folder)")
         # label filtering reads samples one by one: cheap next to the optimisation that follows
         chosen = [i for i in chosen if int(data[i]["label"]) == source_class]
     if num_queries is not None:
@@ -202,7 +204,7 @@ def run_explain(
     trainer: L.Trainer,
     method: CounterfactualMethod,
     datamodule: L.LightningDataModule,
-    classifier: str,
+    classifier: ClassifierSource,
     output_dir: str,
     split: str = "test",
     indices: list[int] | None = None,
@@ -243,15 +245,6 @@ def run_explain(
     check_output_dir(output_dir)  # before any work: refuses "", files, and folders that are not lit-cf runs
     rundir = RunDir(Path(output_dir))
 
-    model = load_module(classifier, ImageClassifier)
-    data_classes = getattr(datamodule, "num_classes", None)
-    if data_classes and data_classes != model.num_classes:
-        raise UserError(
-            f"the classifier has {model.num_classes} classes but {type(datamodule).__name__} has {data_classes}: "
-            "explain it on the data it was trained for"
-        )
-    if source_class is not None and source_class >= model.num_classes:
-        raise UserError(f"source_class {source_class} is out of range: the classifier has classes 0..{model.num_classes - 1}")
     if not hasattr(datamodule, "dataset"):
         raise UserError(f"{type(datamodule).__name__} is not a lit-cf datamodule (it has no dataset(split))")
     try:
@@ -261,10 +254,23 @@ def run_explain(
     chosen = select_queries(data, indices, None if select != "all" else num_queries, source_class)
     if not chosen:
         raise UserError(f"the query selection is empty (split {split!r}, indices {indices}, source_class {source_class})")
+    # any classifier source (lit-cf .ckpt, TorchScript, module mapping, Python module), checked on two queries
+    model, source_info = load_classifier(classifier, example=torch.stack([data[i]["image"] for i in chosen[:2]]))
+    data_classes = getattr(datamodule, "num_classes", None)
+    if data_classes and data_classes != model.num_classes:
+        raise UserError(
+            f"the classifier has {model.num_classes} classes but {type(datamodule).__name__} has {data_classes}: "
+            "explain it on the data it was trained for"
+        )
+    if source_class is not None and source_class >= model.num_classes:
+        raise UserError(f"source_class {source_class} is out of range: the classifier has classes 0..{model.num_classes - 1}")
 
     device = trainer.strategy.root_device
     probs, labels = predict_queries(model, data, chosen, max(chunk_size, 256), device)
     preds = probs.argmax(-1)
+    if (labels < 0).any() and (select != "all" or target == "label"):
+        rule = f"select: {select}" if select != "all" else "target: label"
+        raise UserError(f"{rule} needs labelled images, but these have none (a flat image folder): use class subfolders or another rule")
     if select != "all":
         keep = (preds == labels) if select == "correct" else (preds != labels)
         kept = keep.nonzero().flatten().tolist()
@@ -293,7 +299,7 @@ def run_explain(
     plan = {
         "lit_cf_version": __version__,
         "method": method.describe(),
-        "classifier": {"path": str(Path(classifier).resolve()), "sha256": file_sha256(classifier)},
+        "classifier": source_info,
         "data": datamodule.describe() if hasattr(datamodule, "describe") else type(datamodule).__name__,
         "split": split,
         "target_rule": target,
@@ -307,6 +313,8 @@ def run_explain(
         state = rundir.prepare(plan, records, overwrite)
         if config_yaml is not None and state == "new":
             atomic_write_text(rundir.root / "config.yaml", config_yaml)
+        if source_info["kind"] == "python":  # an in-memory model: a TorchScript copy lets `lit-cf evaluate` read the run
+            export_classifier(model, rundir, torch.stack([data[i]["image"] for i in chosen[:2]]))
     if state == "complete":
         print(f"lit-cf explain: {rundir.root} is already complete; nothing to do (pass overwrite: true to recompute)")
         return rundir.root

@@ -31,13 +31,15 @@ from lit_cf.metrics.diversity import Diversity
 from lit_cf.metrics.features import ClassifierFeatures, FeatureMaps
 from lit_cf.metrics.oracle import OracleAgreement
 from lit_cf.metrics.realism import DomainFID, DUQCertainty, SplitFID
+from lit_cf.metrics.sources import PenultimateFeatures, feature_layers_of, load_source, run_classifier, source_label
 from lit_cf.metrics.validity import Validity
 from lit_cf.models.base import ImageClassifier, freeze
 from lit_cf.models.descriptors import DescriptorPredictor
 from lit_cf.models.duq import DUQClassifier
+from lit_cf.models.external import classifier_identity
 from lit_cf.report.images import comparison_rows
 from lit_cf.runs import ExplainRun, atomic_write_text
-from lit_cf.utils.checkpoint import file_sha256, load_module
+from lit_cf.utils.checkpoint import load_module
 
 LP = (1.0, 1.5, 2.0)
 NUISANCE = ("intensity", "mark")  # factors of the rendered digits that never define the class
@@ -64,6 +66,18 @@ def perceptual_layers(classifier: ImageClassifier) -> list[str]:
     if not names:
         raise UserError(f"cannot choose perceptual layers for backbone {type(backbone).__name__}")
     return names
+
+
+def _feature_parts(feature_net: ImageClassifier, source: Any, example: Tensor) -> tuple[nn.Module, list[str], nn.Module, str]:
+    """(network, perceptual layers, FID feature extractor, how the layers were chosen).
+
+    A lit-cf classifier with a backbone: its backbone stages; any other module: the mapping's
+    ``feature_layers``, or one layer per resolution stage (:func:`auto_feature_layers`).
+    """
+    if hasattr(feature_net, "backbone"):
+        return _Normalized(feature_net), perceptual_layers(feature_net), ClassifierFeatures(feature_net), "backbone stages"
+    layers, how = feature_layers_of(feature_net, {}, source, example)
+    return feature_net, layers, PenultimateFeatures(feature_net, example), how
 
 
 def _load_classifier(path: str, device: torch.device, kind: type = ImageClassifier) -> ImageClassifier:
@@ -130,6 +144,7 @@ def evaluate_run(
     cout_steps: int,
     descriptors: DescriptorPredictor | None = None,
     datamodule: L.LightningDataModule | None = None,
+    feature_parts: tuple[nn.Module, list[str], nn.Module, str] | None = None,
 ) -> dict[str, Any]:
     """All metrics of one run: ``{"overall": {...}, "per_pair": {"s->t": {...}}, "records": [...]}``."""
     query_all, cf_all = run.tensor("query").float(), run.tensor("counterfactual").float()
@@ -146,10 +161,10 @@ def evaluate_run(
 
     overall = metric_set()
     if feature_net is not None:
-        maps = FeatureMaps(_Normalized(feature_net), perceptual_layers(feature_net))
-        overall["perceptual"] = PerceptualDistance(maps)
-        overall["fid"] = DomainFID(ClassifierFeatures(feature_net))
-        overall["sfid"] = SplitFID(ClassifierFeatures(feature_net))
+        network, layers, features, _ = feature_parts or _feature_parts(feature_net, None, query_all[:2])
+        overall["perceptual"] = PerceptualDistance(FeatureMaps(network, layers))
+        overall["fid"] = DomainFID(features)
+        overall["sfid"] = SplitFID(features)
     if duq is not None:
         overall["duq"] = DUQCertainty(duq)
     overall["cout"] = COUT(classifier, steps=cout_steps)
@@ -413,43 +428,46 @@ def run_evaluate(
                 "choose an empty or new folder (nothing was changed)"
             )
     device = trainer.strategy.root_device
-    loaded = []
+    loaded, run_models = [], {}
     for i, path in enumerate(runs):
         run = ExplainRun(path)
         for pos, r in enumerate(run.manifest):
             r["row_in_run"] = pos
         name = run_names[i]
-        ckpt = classifier or run.meta.get("classifier", {}).get("path")
-        if not ckpt or not Path(ckpt).is_file():
-            raise UserError(f"run {name}: its classifier checkpoint {ckpt} is missing; pass --classifier")
-        sha = file_sha256(ckpt)
-        if sha != run.meta.get("classifier", {}).get("sha256"):
-            raise UserError(f"run {name} explained a different classifier than {ckpt} (checksum differs)")
+        # any classifier source (lit_cf.metrics.sources), checked against the weights the run recorded
+        model, info, sha = run_classifier(run, name, classifier, device)
+        ckpt = info.get("path") or source_label(classifier)
+        run_models[name] = model
         _check_run_against_data(run, datamodule, name)
         loaded.append((name, run, ckpt, sha))
-    oracle_models = {o: (_load_classifier(p, device), file_sha256(p)) for o, p in (oracles or {}).items()}
+    example = loaded[0][1].tensor("query")[:2].float()
+    oracle_models = {}
+    for o, p in (oracles or {}).items():
+        m, oinfo = load_source(p, example, device)
+        oracle_models[o] = (m, classifier_identity(oinfo))
     classes = getattr(datamodule, "num_classes", None)
     for o, (m, _) in oracle_models.items():
         if classes and m.num_classes != classes:
             raise UserError(f"oracle {o} has {m.num_classes} classes, the data has {classes}")
-    feature_net = _load_classifier(feature_network, device) if feature_network else None
+    feature_net = load_source(feature_network, example, device)[0] if feature_network else None
+    feature_parts = _feature_parts(feature_net, feature_network, example) if feature_net is not None else None
     duq_model = _load_classifier(duq, device, DUQClassifier) if duq else None
     descriptor_model = freeze(load_module(descriptors, DescriptorPredictor)).to(device) if descriptors else None
 
     results: dict[str, Any] = {}
     sections = []
     for name, run, ckpt, sha in loaded:
-        model = _load_classifier(ckpt, device)
+        model = run_models[name]
         res = evaluate_run(
             name, run, model, oracle_models, sha, feature_net, duq_model, device, batch_size, cout_steps,
-            descriptor_model, datamodule,
+            descriptor_model, datamodule, feature_parts,
         )
         res["meta"] = {"run": str(Path(run.dir.root).resolve()), "method": run.meta.get("method"), "classifier": ckpt}
         results[name] = res
         sections.append(_section(name, run, res, num_grid_images, GridRow, ReportSection))
     for group in _seed_groups(loaded):
         diversity = (
-            Diversity(feature_extractor=_Normalized(feature_net), layers=perceptual_layers(feature_net))
+            Diversity(feature_extractor=feature_parts[0], layers=feature_parts[1])
             if feature_net is not None
             else Diversity()
         )
@@ -469,7 +487,8 @@ def run_evaluate(
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "data": json.dumps(datamodule.describe() if hasattr(datamodule, "describe") else type(datamodule).__name__),
         "oracles": ", ".join(oracles or {}) or "none",
-        "feature network (fid_domain, perceptual_domain)": feature_network or "none",
+        "feature network (fid_domain, perceptual_domain)": source_label(feature_network) if feature_network else "none",
+        "feature layers (perceptual_domain)": f"{', '.join(feature_parts[1])} ({feature_parts[3]})" if feature_parts else "none",
         "DUQ model": duq or "none",
         "descriptor predictor": descriptors or "none",
     }

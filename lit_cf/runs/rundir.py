@@ -4,6 +4,7 @@ Layout of ``output_dir``::
 
     run.json              plan + status ("running" until the merge, then "complete") + checksums
     config.yaml           the resolved CLI config (when run from the CLI)
+    classifier.ts         TorchScript copy of an in-memory classifier (Python API), for evaluate
     records.jsonl         the planned (query, target) records with the original prediction
     shards/chunk-000012.safetensors   tensors of one chunk (counterfactual, query, extras)
     shards/chunk-000012.jsonl         manifest rows of that chunk + a commit line; written last
@@ -161,7 +162,7 @@ class RunDir:
     # ----------------------------------------------------------------- writing
     def clear(self) -> None:
         """Remove the files lit-cf wrote here (for an explicit overwrite); ``run.json`` goes last."""
-        for name in ("manifest.jsonl", "config.yaml", "records.jsonl"):
+        for name in ("manifest.jsonl", "config.yaml", "records.jsonl", "classifier.ts"):
             (self.root / name).unlink(missing_ok=True)
         for folder in (self.shards, self.root / "grids"):
             shutil.rmtree(folder, ignore_errors=True)
