@@ -88,7 +88,8 @@ class DUQClassifier(ImageClassifier):
             ResNet 0.05).
         drop_last: Skip a training batch smaller than the largest one seen (the incomplete
             last batch of an epoch), as the reference's ``DataLoader(drop_last=True)`` does:
-            no loss, no optimizer step, no centroid update for it.
+            no loss, no parameter or centroid update for it (Lightning still counts it in
+            ``global_step``).
         optimizer: Optimizer factory.
         scheduler: Optional LR scheduler factory.
     """
