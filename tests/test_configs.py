@@ -50,7 +50,7 @@ def fit(tmp_path: Path, data_config: str, model_config: str, *extra: str) -> Pat
     return ckpts[-1]
 
 
-GRAY_MODELS = ["model/cnn.yaml", "model/cnn_wide.yaml", "model/robust_cnn.yaml", "model/duq_cnn.yaml", "model/autoencoder.yaml", "model/vae.yaml", "model/factor_regressor.yaml"]
+GRAY_MODELS = ["model/cnn.yaml", "model/cnn_wide.yaml", "model/robust_cnn.yaml", "model/duq_cnn.yaml", "model/duq_cnn_mnist.yaml", "model/autoencoder.yaml", "model/vae.yaml", "model/factor_regressor.yaml"]
 CELEBA_MODELS = [
     "model/resnet18_celeba.yaml", "model/duq_resnet18_celeba.yaml", "model/autoencoder_celeba.yaml",
     "model/attribute_classifier_celeba.yaml", "model/cnn_celeba.yaml", "model/duq_cnn_celeba.yaml",

@@ -47,14 +47,24 @@ class DUQClassifier(ImageClassifier):
     """DUQ: an RBF head over backbone features with EMA class centroids.
 
     Training minimises binary cross-entropy between the kernel values of all classes and the
-    one-hot label, plus ``gp_weight`` times the two-sided gradient penalty taken with respect
-    to the *normalised* network input (as in the reference code). After every optimizer step
-    the centroids follow an exponential moving average with factor ``gamma``:
-    ``N_c <- g N_c + (1-g) n_c``, ``m_c <- g m_c + (1-g) sum_{y_i=c} W_c f(x_i)``, ``e_c = m_c / N_c``.
+    one-hot label, plus ``gp_weight`` times the two-sided gradient penalty. The model owns its
+    input normalisation (``input_mean``/``input_std``): training, evaluation and
+    out-of-distribution data all go through the same ``(x - mean) / std``, and the penalty is
+    taken with respect to the *normalised* input, as in the reference code (which normalises
+    in its datasets). After every optimizer step the centroids follow an exponential moving
+    average with factor ``gamma``: ``N_c <- g N_c + (1-g) n_c``,
+    ``m_c <- g m_c + (1-g) sum_{y_i=c} W_c f(x_i)``, ``e_c = m_c / N_c``.
 
     Prediction is ``argmax_c K_c``; certainty is ``max_c K_c``; OOD score is ``-max_c K_c``.
     ``forward`` returns ``log K`` so that softmax gives ``K / sum K``; explainers and metrics
     that need probabilities therefore see normalised kernel values.
+
+    Initialisation. The authors' code has two recipes: the Fashion-MNIST CNN draws ``W`` from
+    ``N(0, 0.05)`` and starts ``N_c = 12``, ``m = N(0, 1) * N_c`` (centroids of std 1)
+    (``configs/model/duq_cnn.yaml``); the CIFAR-10 ResNet draws ``W`` Kaiming-normal and
+    starts ``N_c = 13``, ``m = N(0, 0.05) * N_c`` (centroids of std 0.05). The defaults below
+    are the ResNet recipe, which is also what checkpoints saved before these switches existed
+    were built with.
 
     Args:
         backbone: Feature extractor exposing ``out_features``.
@@ -65,11 +75,21 @@ class DUQClassifier(ImageClassifier):
         gp_weight: Gradient-penalty weight ``lambda`` (0 disables the penalty).
         centroid_features: ``"recompute"`` (reference code: a second no-grad forward pass in
             eval mode after the optimizer step) or ``"reuse"`` (the training pass's features,
-            taken before the step; cheaper).
+            taken before the step; cheaper, not the reference).
         ood_data: Optional datamodule whose test split is out-of-distribution; ``test`` then
-            logs ``test/ood_auroc`` (OOD positive, score ``-max_c K_c``).
+            logs ``test/ood_auroc`` (OOD positive, score ``-max_c K_c``), normalising the OOD
+            images exactly like the in-distribution ones.
         input_mean: Per-channel normalisation mean applied inside the model.
         input_std: Per-channel normalisation std applied inside the model.
+        w_init_std: Std of the normal initialisation of ``W`` (reference CNN: 0.05); ``None``
+            (default): Kaiming normal for ReLU features (reference ResNet).
+        centroid_init_count: Initial pseudo-count ``N_c`` (reference CNN 12, ResNet 13).
+        centroid_init_std: Std of the initial centroids ``e_c = m_c / N_c`` (reference CNN 1,
+            ResNet 0.05).
+        drop_last: Skip a training batch smaller than the largest one seen (the incomplete
+            last batch of an epoch), as the reference's ``DataLoader(drop_last=True)`` does:
+            no loss, no parameter or centroid update for it (Lightning still counts it in
+            ``global_step``).
         optimizer: Optimizer factory.
         scheduler: Optional LR scheduler factory.
     """
@@ -86,6 +106,10 @@ class DUQClassifier(ImageClassifier):
         ood_data: L.LightningDataModule | None = None,
         input_mean: Sequence[float] | None = None,
         input_std: Sequence[float] | None = None,
+        w_init_std: float | None = None,
+        centroid_init_count: float = 13.0,
+        centroid_init_std: float = 0.05,
+        drop_last: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -97,18 +121,25 @@ class DUQClassifier(ImageClassifier):
             raise ValueError(f"centroid_features must be 'recompute' or 'reuse', got {centroid_features!r}")
         if not 0.0 < gamma < 1.0 or length_scale <= 0 or gp_weight < 0:
             raise ValueError("DUQ needs 0 < gamma < 1, length_scale > 0 and gp_weight >= 0")
+        if (w_init_std is not None and w_init_std <= 0) or centroid_init_count <= 0 or centroid_init_std < 0:
+            raise ValueError("DUQ needs w_init_std > 0 (or None), centroid_init_count > 0 and centroid_init_std >= 0")
         self.backbone = backbone
         self.length_scale, self.gamma, self.gp_weight = length_scale, gamma, gp_weight
         self.centroid_features = centroid_features
+        self.drop_last = drop_last
         self.ood_data = ood_data
         self.W = nn.Parameter(torch.empty(embedding_size, num_classes, backbone.out_features))
-        nn.init.kaiming_normal_(self.W, nonlinearity="relu")
-        # N starts at a pseudo-count so early centroids move smoothly, and the centroids start
-        # near the origin (std 0.05) where the initial embeddings lie: both as in the reference
-        # code; far-away centroids give kernel values ~1e-20 and no gradient to learn from
-        self.register_buffer("N", torch.full((num_classes,), 13.0))
-        self.register_buffer("m", torch.randn(embedding_size, num_classes) * 0.05 * 13.0)
+        if w_init_std is None:
+            nn.init.kaiming_normal_(self.W, nonlinearity="relu")
+        else:
+            nn.init.normal_(self.W, 0.0, w_init_std)
+        # m = e * N: the centroids e_c start with std centroid_init_std and N_c acts as a
+        # pseudo-count so that the first EMA updates move them smoothly
+        self.register_buffer("N", torch.full((num_classes,), float(centroid_init_count)))
+        self.register_buffer("m", torch.randn(embedding_size, num_classes) * centroid_init_std * centroid_init_count)
         self._reuse_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._full_batch = 0  # largest training batch seen (drop_last)
+        self._skipped_batch = False
         self.ood_auroc = BinaryAUROC()
 
     # ----------------------------------------------------------------- model API
@@ -156,8 +187,12 @@ class DUQClassifier(ImageClassifier):
         self.N.mul_(self.gamma).add_((1 - self.gamma) * counts)
         self.m.mul_(self.gamma).add_((1 - self.gamma) * sums)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         y = batch["label"]
+        self._full_batch = max(self._full_batch, len(y))
+        self._skipped_batch = self.drop_last and len(y) < self._full_batch
+        if self._skipped_batch:
+            return None  # Lightning skips backward and the optimizer step for this batch
         x = self.normalize(batch["image"])
         if self.gp_weight > 0:
             x = x.detach().requires_grad_(True)
@@ -179,6 +214,8 @@ class DUQClassifier(ImageClassifier):
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         # runs after optimizer.step(): the centroid update of the reference code
+        if self._skipped_batch:
+            return
         if self.centroid_features == "reuse" and self._reuse_cache is not None:
             z, y = self._reuse_cache
             self._reuse_cache = None
