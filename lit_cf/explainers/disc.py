@@ -58,7 +58,8 @@ class DISCCounterfactual(CounterfactualMethod):
       is a :class:`~lit_cf.models.DUQClassifier`, else off, since no DUQ model is available),
       ``None`` (off), ``"self"`` (the explained classifier, which must be a DUQ model) or the
       path of an auxiliary DUQ checkpoint for the same classes. The run records which model
-      was used (``manifold_consistency`` in ``run.json``'s method entry) and ``auto`` prints it. ``mc_loss="log_kernel"`` minimises ``-log K_target(x')``
+      was used (``manifold_consistency`` in ``run.json``'s method entry) and ``auto`` prints it.
+      ``mc_loss="log_kernel"`` minimises ``-log K_target(x')``
       (exact, from the DUQ model's log-kernel logits, so it keeps a gradient where ``K``
       underflows); ``mc_loss="bce"`` the DUQ training loss ``BCE(K(x'), onehot(target))``.
     * **Progressive optimisation** (``progressive``): the target probability is raised through
