@@ -120,6 +120,8 @@ class LitCFTrainer(L.Trainer):
         cout_steps: int = 50,
         num_grid_images: int = 8,
         overwrite: bool = False,
+        reference: str | None = "test",
+        reference_seed: int = 0,
     ) -> Path:
         """Score explain runs with the counterfactual metric suite and write a report.
 
@@ -156,6 +158,14 @@ class LitCFTrainer(L.Trainer):
             cout_steps: Insertion steps of COUT.
             num_grid_images: Records shown per run in the report's grids.
             overwrite: Write into a non-empty ``output_dir``.
+            reference: Split of real images for realism against real images (needs
+                ``feature_network``): ``fid_real_domain`` is the Frechet distance on the feature
+                network between the counterfactuals and a sample of real images of each
+                counterfactual's target class (one per counterfactual, queries excluded); the
+                table adds a ``no edit (queries)`` row (the unchanged queries against the same
+                sample) and a ``real floor`` row (a disjoint real sample of the same size and
+                classes). ``null`` skips it.
+            reference_seed: Seed of the real samples (recorded in ``metrics.json``).
         """
         return run_evaluate(
             self,
@@ -173,4 +183,6 @@ class LitCFTrainer(L.Trainer):
             num_grid_images=num_grid_images,
             overwrite=overwrite,
             config_yaml=self.evaluate_config_yaml,
+            reference=reference,
+            reference_seed=reference_seed,
         )

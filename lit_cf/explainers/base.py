@@ -93,9 +93,26 @@ class CounterfactualMethod(L.LightningModule):
         """Modules that must stay in eval mode (the classifier, generators, DUQ models)."""
         return [self.classifier] if self.classifier is not None else []
 
+    def prepare(self, classifier: ImageClassifier) -> None:
+        """Settle choices that depend on the explained classifier before the run is planned.
+
+        ``lit-cf explain`` calls it before :meth:`describe`, so that what ``describe`` records
+        is what the run does (e.g. DISC's ``duq: auto``). The default does nothing.
+        """
+
+    def stopping_rule(self) -> str:
+        """When an image stops, in words (recorded in the run as ``stopping``, shown by evaluate)."""
+        if self.stop_probability is None:
+            return f"none: every image runs {self.steps} steps"
+        return f"per image at p(target) >= {self.stop_probability:g}, at most {self.steps} steps"
+
     def describe(self) -> dict[str, Any]:
-        """Method settings recorded in the run directory."""
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", **dict(self.hparams)}
+        """Method settings recorded in the run directory (with the :meth:`stopping_rule`)."""
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            **dict(self.hparams),
+            "stopping": self.stopping_rule(),
+        }
 
     # ----------------------------------------------------------------- subclass hooks
     def init_latents(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

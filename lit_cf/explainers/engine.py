@@ -296,6 +296,7 @@ def run_explain(
         }
         for r, (q, t) in enumerate(pairs)
     ]
+    method.prepare(model)  # choices that depend on the classifier, before describe() records them
     plan = {
         "lit_cf_version": __version__,
         "method": method.describe(),

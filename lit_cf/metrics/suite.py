@@ -372,9 +372,9 @@ def _ground_truth(change: Tensor, error: Tensor, names: list[str]) -> dict[str, 
 
 TABLE_COLUMNS = (
     "n", "flip_rate", "tconf_mean", "oa", "ota_mean", "os_mean", "l1_mean", "l1.5_mean", "l2_mean",
-    "perceptual_domain_mean", "fid_domain", "sfid_domain", "duq_certainty_cf_mean", "cout_mean",
+    "perceptual_domain_mean", "fid_domain", "sfid_domain", "fid_real_domain", "duq_certainty_cf_mean", "cout_mean",
     "mnac_mean", "cd", "gt_nuisance_change", "gt_style_change", "diversity_perceptual_domain_mean", "diversity_l1_mean",
-    "seconds_per_cf_mean", "steps_mean",
+    "seconds_per_cf_mean", "steps_mean", "stopping",
 )
 
 
@@ -394,8 +394,12 @@ def run_evaluate(
     num_grid_images: int = 8,
     overwrite: bool = False,
     config_yaml: str | None = None,
+    reference: str | None = "test",
+    reference_seed: int = 0,
 ) -> Path:
     """See :meth:`lit_cf.trainer.LitCFTrainer.evaluate`."""
+    from lit_cf.metrics.reference import evaluate_reference, reference_rows, reference_split
+    from lit_cf.metrics.stopping import stopping_summary
     from lit_cf.report import GridRow, ReportSection, markdown_table
     from lit_cf.report.html import render_report
 
@@ -440,6 +444,8 @@ def run_evaluate(
         run_models[name] = model
         _check_run_against_data(run, datamodule, name)
         loaded.append((name, run, ckpt, sha))
+    if reference is not None and feature_network:
+        reference_split(datamodule, reference)  # an unknown split fails before any metric runs
     example = loaded[0][1].tensor("query")[:2].float()
     oracle_models = {}
     for o, p in (oracles or {}).items():
@@ -463,6 +469,13 @@ def run_evaluate(
             descriptor_model, datamodule, feature_parts,
         )
         res["meta"] = {"run": str(Path(run.dir.root).resolve()), "method": run.meta.get("method"), "classifier": ckpt}
+        res["overall"].update(stopping_summary(run))
+        if reference is not None and feature_net is not None:
+            real = evaluate_reference(
+                feature_parts[2], datamodule, run, reference, reference_seed, batch_size=batch_size, device=device
+            )
+            res["reference_sample"] = {k: real.pop(k) for k in ("reference_indices", "floor_indices")}
+            res["overall"].update(real)
         results[name] = res
         sections.append(_section(name, run, res, num_grid_images, GridRow, ReportSection))
     for group in _seed_groups(loaded):
@@ -480,7 +493,12 @@ def run_evaluate(
     oracle_cols = sorted({k for r in results.values() for k in r["overall"] if k.startswith(("ota_", "os_"))} - {"ota_mean", "os_mean"})
     for row, r in zip(table, results.values()):
         row.update({k: r["overall"].get(k, float("nan")) for k in oracle_cols})
-    empty = [c for c in table[0] if c != "method" and all(_is_nan(row[c]) for row in table)]
+    table += reference_rows(
+        [(n, json.dumps([r.meta.get("split"), [(m["index"], m["target"]) for m in r.manifest]]), results[n]["overall"]) for n, r, _, _ in loaded]
+    )
+    columns = list(dict.fromkeys(k for row in table for k in row))
+    table = [{c: row.get(c) for c in columns} for row in table]  # None where a row has no value
+    empty = [c for c in table[0] if c != "method" and all(row[c] is None or _is_nan(row[c]) for row in table)]
     table = [{k: v for k, v in row.items() if k not in empty} for row in table]
     meta = {
         "lit-cf": __version__,
@@ -490,6 +508,15 @@ def run_evaluate(
         "feature network (fid_domain, perceptual_domain)": source_label(feature_network) if feature_network else "none",
         "feature layers (perceptual_domain)": f"{', '.join(feature_parts[1])} ({feature_parts[3]})" if feature_parts else "none",
         "DUQ model": duq or "none",
+        "stopping": "how each run stopped its images (from its run.json); steps_mean: mean optimisation steps; "
+        "tconf_mean: mean final target probability under the explained classifier",
+        "fid_real_domain (realism against real images)": (
+            f"{reference} split, seed {reference_seed}: counterfactuals vs real images of their target classes on the "
+            "feature network (queries excluded); rows 'no edit (queries)' and 'real floor' (a disjoint real sample "
+            "of the same size and classes)"
+            if reference is not None and feature_network
+            else "not computed (needs --feature_network and --reference)"
+        ),
         "descriptor predictor": descriptors or "none",
     }
     payload = {

@@ -263,12 +263,15 @@ EXPLAIN = [
 ]
 
 
+OLD_RULE = ["--model.init_args.stage_rule=threshold", "--model.init_args.stages=[0.2,0.4,0.6,0.8]"]
+
+
 def test_progressive_explain_is_data_free_monotone_and_reproducible(cnn_ckpt, tmp_path):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
         # the datamodule raises if explain reads its training split
-        main([*EXPLAIN, f"--classifier={cnn_ckpt}", f"--output_dir={out}", "--model.init_args.prior=pixels", "--seed=4"])
+        main([*EXPLAIN, *OLD_RULE, f"--classifier={cnn_ckpt}", f"--output_dir={out}", "--model.init_args.prior=pixels", "--seed=4"])
         runs.append(ExplainRun(out))
     run = runs[0]
     stages = run.tensor("stages")
@@ -300,7 +303,9 @@ def test_dip_explain_records_fit_quality_and_non_progressive_has_no_stages(cnn_c
     assert len(run) == 4
     fits = [(r["prior_psnr"], r["prior_fit_steps"]) for r in run.manifest]
     assert all(25.0 <= q < 100.0 and 0 < n < 300 for q, n in fits), fits  # fitted per image, stopped at 25 dB
-    assert all(0 <= r["steps"] <= 160 for r in run.manifest)  # one stage, budget steps x 4
+    assert all(r["steps"] == 160 for r in run.manifest)  # one stage, its whole budget (steps x 4), no early stop
+    assert run.meta["method"]["stopping"] == "none: every image runs 160 steps per stage (soft targets 1)"
+    assert run.meta["method"]["manifold_consistency"] == "off (mc_weight: 0)"
     assert not list((out / "grids").glob("progression-*"))
     with pytest.raises(UserError, match="no tensor 'stages'"):
         run.tensor("stages")
@@ -322,3 +327,86 @@ def test_dip_explain_records_fit_quality_and_non_progressive_has_no_stages(cnn_c
     torch.testing.assert_close(res["desc_cf"], brightness(cf))
     with pytest.raises(UserError, match="no tensor 'stages' to compare"):
         attribute_run(run, brightness, names=["brightness"], successful_only=False, n_boot=0, before="stages")
+
+
+# ----------------------------------------------------------------------------- stopping and stages
+def trained(ckpt) -> Classifier:
+    from lit_cf.utils.checkpoint import load_module
+
+    return load_module(ckpt, Classifier).eval()
+
+
+def test_default_runs_the_full_budget_where_the_old_rule_stops_early(cnn_ckpt):
+    """The old rule (stage_rule: threshold) stops each image a few steps past the stage values;
+    the default runs every stage's steps for every image and ends far more confident."""
+    x = digits(4)
+    classifier = trained(cnn_ckpt)
+    batch = {**batch_of(x, target=[3, 5, 7, 1]), "orig_pred": classifier(x).argmax(-1)}
+    common = dict(prior="pixels", feature_weight=0.1, steps=15, lr=0.05)
+    old = DISCCounterfactual(**common, stage_rule="threshold", stages=[0.2, 0.4, 0.6, 0.8])
+    old.attach(classifier)
+    out_old = old.optimise(batch)
+    p_old = out_old["final_probs"].gather(1, batch["target"][:, None]).squeeze(1)
+    assert (out_old["steps"] < 4 * 15).all() and (p_old >= 0.8).all(), (out_old["steps"], p_old)  # crossed, then stopped
+    new = DISCCounterfactual(**common)
+    assert new.stage_rule == "steps" and new.stop_probability is None and new.stages == [0.25, 0.5, 0.75, 1.0]
+    new.attach(classifier)
+    out_new = new.optimise(batch)
+    assert (out_new["steps"] == 4 * 15).all() and (out_new["stage_steps"] == 15).all()
+    p_new = out_new["final_probs"].gather(1, batch["target"][:, None]).squeeze(1)
+    assert (p_new > p_old).all(), (p_old, p_new)
+    # the strip rises stage by stage towards the raised soft targets
+    strip = out_new["stage_target_prob"]
+    assert (strip[:, -1] > strip[:, 0]).all(), strip
+    # the rule is recorded in words
+    assert new.describe()["stopping"].startswith("none: every image runs 15 steps per stage")
+    assert old.describe()["stopping"].startswith("per image at each stage's target probability (0.2, 0.4, 0.6, 0.8)")
+
+
+def test_stop_probability_stops_an_image_for_good(cnn_ckpt):
+    x = digits(4)
+    classifier = trained(cnn_ckpt)
+    batch = {**batch_of(x, target=[3, 5, 7, 1]), "orig_pred": classifier(x).argmax(-1)}
+    method = DISCCounterfactual(prior="pixels", feature_weight=0.0, steps=30, lr=0.05, progressive=False, stop_probability=0.6)
+    method.attach(classifier)
+    out = method.optimise(batch)
+    p = out["final_probs"].gather(1, batch["target"][:, None]).squeeze(1)
+    stopped = out["steps"] < 120
+    assert stopped.any(), out["steps"]
+    assert (p[stopped] >= 0.6).all() and (p[stopped] < 0.95).all(), p  # stopped right past the threshold
+    assert "p(target) >= 0.6" in method.describe()["stopping"]
+
+
+def test_soft_cross_entropy():
+    from lit_cf.explainers.disc import soft_cross_entropy
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    log_p = logits.log_softmax(-1)
+    target, source = torch.tensor([1, 2]), torch.tensor([0, 2])
+    out = soft_cross_entropy(logits, target, source, 0.25)
+    expected = torch.stack([-(0.25 * log_p[0, 1] + 0.75 * log_p[0, 0]), -log_p[1, 2]])  # source == target: one-hot
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(soft_cross_entropy(logits, target, source, 1.0), -log_p.gather(1, target[:, None]).squeeze(1))
+
+
+def test_duq_auto_uses_a_duq_classifier_and_records_which_model():
+    x = digits(2)
+    batch = batch_of(x)
+    on = DISCCounterfactual(prior="pixels", mc_weight=0.5)  # duq: auto is the default
+    on.prepare(tiny_duq())
+    assert on.describe()["manifold_consistency"].startswith("on: the explained classifier")
+    on.attach(tiny_duq())
+    latents = on.init_latents(batch)
+    x_cf = on.render(latents, batch)
+    assert "mc" in on.loss_terms(x_cf, on.classifier(x_cf), latents, batch, 0)
+    off = DISCCounterfactual(prior="pixels", mc_weight=0.5)
+    off.prepare(tiny_cnn())
+    assert off.describe()["manifold_consistency"].startswith("off (duq: auto, and the explained classifier is not a DUQ model")
+    off.attach(tiny_cnn())
+    latents = off.init_latents(batch)
+    x_cf = off.render(latents, batch)
+    assert "mc" not in off.loss_terms(x_cf, off.classifier(x_cf), latents, batch, 0)
+    with pytest.raises(ValueError, match=r"stages must be strictly increasing probabilities in \(0, 1\) \(stage_rule: threshold"):
+        DISCCounterfactual(stage_rule="threshold", stages=[0.5, 1.0])
+    with pytest.raises(ValueError, match="stage_rule must be"):
+        DISCCounterfactual(stage_rule="never")

@@ -17,7 +17,7 @@ from tests.conftest import CONFIGS, fit_checkpoint
 
 DATA = [
     f"--config={CONFIGS / 'data/rendered.yaml'}",
-    "--data.init_args.train_size=64",
+    "--data.init_args.train_size=640",  # the reference split of realism against real images
     "--data.init_args.val_size=64",
     "--data.init_args.test_size=128",
 ]
@@ -53,7 +53,7 @@ def evaluate_args(runs, out, oracle, cnn_ckpt, duq_ckpt, *extra, regressor=None)
         "evaluate", *DATA, "--trainer.accelerator=cpu", "--trainer.logger=false",
         f"--runs=[{','.join(str(r) for r in runs)}]", f"--output_dir={out}",
         f"--oracles={{oracle: {oracle}, self: {cnn_ckpt}}}", f"--feature_network={oracle}", f"--duq={duq_ckpt}",
-        "--cout_steps=5", *([f"--descriptors={regressor}"] if regressor else []), *extra,
+        "--cout_steps=5", "--reference=train", *([f"--descriptors={regressor}"] if regressor else []), *extra,
     ]
 
 
@@ -62,7 +62,12 @@ def test_evaluate_writes_comparison_table_metrics_and_report(setup, cnn_ckpt, du
     out = tmp_path / "eval"
     main(evaluate_args(runs, out, oracle, cnn_ckpt, duq_ckpt, regressor=regressor))
     payload = json.loads((out / "metrics.json").read_text())
-    assert [row["method"] for row in payload["table"]] == ["pixel", "deepinversion", "deepinversion_seed1"]
+    # one row per run, then the no-edit and floor rows of realism against real images (the two
+    # DeepInversion runs share queries and targets, so they share one pair)
+    assert [row["method"] for row in payload["table"]] == [
+        "pixel", "deepinversion", "deepinversion_seed1",
+        "no edit (queries) [pixel]", "real floor [pixel]", "no edit (queries) [deepinversion]", "real floor [deepinversion]",
+    ]
     # the two DeepInversion runs differ only in their seed: sigma_L is their pairwise distance
     # (perceptual, on the feature network, since one is given)
     di = payload["runs"]["deepinversion"]["overall"]
@@ -96,6 +101,55 @@ def test_evaluate_writes_comparison_table_metrics_and_report(setup, cnn_ckpt, du
     assert "pixel" in html and "deepinversion" in html
     assert "data:image/png;base64," in html
     assert not re.search(r'src="(?!data:)', html), "every image must be embedded"
+
+
+def test_evaluate_scores_realism_against_real_images_of_the_target_class(setup, cnn_ckpt, duq_ckpt, tmp_path, capsys):
+    root, runs, oracle, _ = setup
+    out = tmp_path / "eval"
+    main(evaluate_args(runs[:2], out, oracle, cnn_ckpt, duq_ckpt, "--reference_seed=3"))
+    payload = json.loads((out / "metrics.json").read_text())
+    from lit_cf.data.rendered import RenderedDigitsDataModule
+
+    train_labels = RenderedDigitsDataModule(train_size=640, val_size=64, test_size=128).dataset("train")
+    train_labels = torch.stack([train_labels[i]["label"] for i in range(len(train_labels))])
+    for name, run_dir in zip(("pixel", "deepinversion"), runs[:2]):
+        res = payload["runs"][name]
+        overall, sample = res["overall"], res["reference_sample"]
+        targets = sorted(r["target"] for r in ExplainRun(run_dir).manifest)
+        # class matched: one real train image of each counterfactual's target class, and a
+        # disjoint floor sample with the same classes
+        assert sorted(train_labels[sample["reference_indices"]].tolist()) == targets
+        assert sorted(train_labels[sample["floor_indices"]].tolist()) == targets
+        assert not set(sample["reference_indices"]) & set(sample["floor_indices"])
+        assert overall["reference_split"] == "train" and overall["reference_seed"] == 3
+        assert overall["reference_excluded"] == 0  # the queries come from another split
+        for key in ("fid_real_domain", "fid_real_domain_no_edit", "fid_real_domain_floor"):
+            assert overall[key] > 0 and math.isfinite(overall[key]), key
+        assert overall["stopping"] == "per image at p(target) >= 0.9, at most 20 steps"
+    # the two runs explained different classifiers (other targets): one pair of rows each
+    rows = {row["method"]: row for row in payload["table"]}
+    assert set(rows) == {
+        "pixel", "deepinversion", "no edit (queries) [pixel]", "real floor [pixel]",
+        "no edit (queries) [deepinversion]", "real floor [deepinversion]",
+    }
+    assert rows["no edit (queries) [pixel]"]["fid_real_domain"] == payload["runs"]["pixel"]["overall"]["fid_real_domain_no_edit"]
+    assert rows["real floor [pixel]"]["n"] == 24
+    assert rows["pixel"]["steps_mean"] >= 0 and 0 <= rows["pixel"]["tconf_mean"] <= 1
+    md = (out / "metrics.md").read_text()
+    assert "fid_real_domain" in md and "real floor [pixel]" in md and "stopping" in md
+    assert "real floor [deepinversion]" in (out / "report.html").read_text()
+    # the default reference (the test split the queries came from) is too small here once the
+    # queries are excluded: one line naming the fix, no output
+    bad = evaluate_args(runs[:1], tmp_path / "eval2", oracle, cnn_ckpt, duq_ckpt)
+    bad.remove("--reference=train")
+    with pytest.raises(SystemExit) as err:
+        main(bad)
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "queries excluded" in msg and "--reference" in msg and not (tmp_path / "eval2").exists()
+    with pytest.raises(SystemExit):
+        main(evaluate_args(runs[:1], tmp_path / "eval3", oracle, cnn_ckpt, duq_ckpt, "--reference=nope"))
+    assert "--reference nope: unknown split" in capsys.readouterr().err
 
 
 def test_evaluate_rejects_bad_runs(setup, cnn_ckpt, duq_ckpt, tmp_path, capsys):
