@@ -62,6 +62,8 @@ def test_every_config_is_covered():
     covered = set(GRAY_MODELS + CELEBA_MODELS + DATA_CONFIGS + TRAINER_CONFIGS + LOGGER_CONFIGS + EXPLAIN_CONFIGS)
     # need a trained generator (and a direction file): run through the CLI in tests/explainers/test_latent.py
     covered |= {"explain/latent_attack.yaml", "explain/latent_linear_edit.yaml"}
+    # DDPMs and DVCE: fitted and run as shipped in tests/models/test_diffusion.py and tests/explainers/test_dvce.py
+    covered |= {"model/ddpm_tiny.yaml", "model/ddpm_mnist.yaml", "model/ddpm_celeba.yaml", "explain/dvce.yaml"}
     assert shipped == covered, f"configs without a test: {sorted(shipped - covered)}"
 
 
