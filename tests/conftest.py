@@ -63,3 +63,9 @@ def cnn_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def duq_ckpt(tmp_path_factory) -> Path:
     return fit_checkpoint(tmp_path_factory.mktemp("duq"), "model/duq_cnn.yaml", "--model.init_args.backbone.init_args.channels=[8,16,16]", "--model.init_args.backbone.init_args.hidden=32", "--model.init_args.embedding_size=16")
+
+
+@pytest.fixture(scope="session")
+def ddpm_ckpt(tmp_path_factory) -> Path:
+    """A tiny DDPM (configs/model/ddpm_tiny.yaml, 100-step schedule) fitted on the rendered digits."""
+    return fit_checkpoint(tmp_path_factory.mktemp("ddpm"), "model/ddpm_tiny.yaml", "--trainer.max_epochs=2")

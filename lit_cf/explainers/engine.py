@@ -267,6 +267,9 @@ def run_explain(
 
     device = trainer.strategy.root_device
     probs, labels = predict_queries(model, data, chosen, max(chunk_size, 256), device)
+    check_data = getattr(method, "check_data", None)  # methods with a model of the data (a DDPM) check it here
+    if callable(check_data):
+        check_data(model, tuple(data[chosen[0]]["image"].shape), datamodule)
     preds = probs.argmax(-1)
     if (labels < 0).any() and (select != "all" or target == "label"):
         rule = f"select: {select}" if select != "all" else "target: label"

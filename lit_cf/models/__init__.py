@@ -1,4 +1,4 @@
-"""What `lit-cf fit` trains: classifiers, DUQ models, autoencoders."""
+"""What `lit-cf fit` trains: classifiers, DUQ models, autoencoders, diffusion models."""
 
 from lit_cf.models.adversarial import PGD
 from lit_cf.models.autoencoder import VAE, AutoEncoder
@@ -6,6 +6,7 @@ from lit_cf.models.backbones import ConvNet, ResNet18
 from lit_cf.models.base import ImageClassifier, freeze
 from lit_cf.models.classifier import Classifier
 from lit_cf.models.descriptors import DescriptorPredictor
+from lit_cf.models.diffusion import DiffusionModel
 from lit_cf.models.duq import DUQClassifier
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Classifier",
     "ConvNet",
     "DescriptorPredictor",
+    "DiffusionModel",
     "DUQClassifier",
     "ImageClassifier",
     "ResNet18",
