@@ -45,8 +45,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-#: packages whose classes a checkpoint may name (``_class_path`` and nested ``class_path``)
-TRUSTED_PACKAGES = ("lit_cf", "torch", "torchvision", "torchmetrics")
+#: packages whose classes a checkpoint may name (``_class_path`` and nested ``class_path``):
+#: lit-cf and its declared model dependencies (diffusers supplies the DDPM's denoiser)
+TRUSTED_PACKAGES = ("lit_cf", "torch", "torchvision", "torchmetrics", "diffusers")
 
 
 def trusted_module(module_name: str) -> bool:
