@@ -18,26 +18,30 @@ from torch import Tensor, nn
 
 from lit_cf.errors import UserError
 
-METHODS = {
-    "pixel": "lit_cf.explainers.PixelCounterfactual",
-    "deepinversion": "lit_cf.explainers.DeepInversionCounterfactual",
-    "disc": "lit_cf.explainers.DISCCounterfactual",
-    "latent_attack": "lit_cf.explainers.LatentAttack",
-    "latent_linear_edit": "lit_cf.explainers.LatentLinearEdit",
-}
-
-
 def _method(method: Any) -> Any:
-    from lit_cf import explainers
+    import inspect
+
     from lit_cf.explainers.base import CounterfactualMethod
+    from lit_cf.explainers.registry import method_class, method_registry
 
     if isinstance(method, CounterfactualMethod):
         return method
-    if isinstance(method, str) and method in METHODS:
-        if method.startswith("latent"):
-            raise UserError(f"{method} needs a generator: pass an instance, e.g. lit_cf.explainers.LatentAttack(generator='ae.ckpt')")
-        return getattr(explainers, METHODS[method].rsplit(".", 1)[1])()
-    raise UserError(f"method must be a lit_cf.explainers method instance or one of {list(METHODS)}, got {method!r}")
+    if not isinstance(method, str):
+        raise UserError(
+            f"method must be a lit_cf.explainers method instance or one of {list(method_registry())}, got {method!r}"
+        )
+    cls = method_class(method)
+    required = [
+        n
+        for n, p in inspect.signature(cls.__init__).parameters.items()
+        if n != "self" and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        raise UserError(
+            f"{method} needs {', '.join(required)}: pass an instance, e.g. "
+            f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}({required[0]}=...)"
+        )
+    return cls()
 
 
 def _first_conv_channels(classifier: Any) -> int | None:
@@ -112,7 +116,8 @@ def explain(
             (class subfolders give labels; see :class:`lit_cf.data.ImageFolderDataModule`), or
             a lit-cf datamodule.
         method: A method instance (e.g. ``lit_cf.explainers.PixelCounterfactual(steps=100)``) or
-            a name: ``pixel``, ``deepinversion``, ``disc`` (default settings).
+            a registered name (:func:`lit_cf.explainers.registry.method_registry`: ``pixel``,
+            ``deepinversion``, ``disc``, ...) with its default settings.
         output_dir: The run directory (new, empty, or an earlier run of the same call: resumed).
         target: Target rule, as for ``lit-cf explain`` (``most_likely_other``, a class, a list,
             ``all``, ``flip``, ``label``, ``file``).
@@ -169,4 +174,4 @@ def explain(
     return ExplainRun(output_dir)
 
 
-__all__ = ["METHODS", "explain"]
+__all__ = ["explain"]

@@ -41,6 +41,10 @@ def per_image_sum(t: Tensor) -> Tensor:
 class CounterfactualMethod(L.LightningModule):
     """Base class of explain methods: subclasses define latents, rendering and loss terms.
 
+    Every concrete subclass in :mod:`lit_cf.explainers` is a registered method
+    (:mod:`lit_cf.explainers.registry`) and must pass the method contract test
+    (``tests/explainers/test_method_contract.py``); intermediate bases set ``abstract = True``.
+
     Subclasses implement :meth:`init_latents`, :meth:`render` and :meth:`loss_terms`, and may
     override :meth:`project` (after each update) and :meth:`extra_outputs`. The engine
     (:meth:`optimise`) is shared.
@@ -53,6 +57,8 @@ class CounterfactualMethod(L.LightningModule):
             value (``None``: always run ``steps`` steps).
         log_every: Log the per-step quantities every this many steps (0 disables).
     """
+
+    abstract = True
 
     def __init__(
         self,
@@ -135,6 +141,35 @@ class CounterfactualMethod(L.LightningModule):
     def extra_outputs(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Extra per-record tensors saved with the counterfactuals (leading dim = chunk size)."""
         return {}
+
+    def declared_outputs(self) -> tuple[str, ...]:
+        """Names of the extra tensors every chunk of this method (with these settings) saves.
+
+        The contract test checks them against the run; ``stages`` (``[B, K, C, H, W]``) is drawn
+        as progression strips by the grids and the report, whichever method saved it.
+        """
+        return ()
+
+    # ----------------------------------------------------------------- hooks
+    def add_forward_hook(self, module: torch.nn.Module, hook: Any) -> None:
+        """Register a forward hook on a model this method uses; :meth:`remove_hooks` removes it.
+
+        Hooks are registered inside the predict loop (not in :meth:`attach`) so the method stays
+        picklable for ``ddp_spawn``, and removed when the loop ends, so the user's classifier is
+        left as it was given.
+        """
+        self.__dict__.setdefault("_hook_handles", []).append(module.register_forward_hook(hook))
+
+    def has_hooks(self) -> bool:
+        return bool(self.__dict__.get("_hook_handles"))
+
+    def remove_hooks(self) -> None:
+        """Remove every forward hook this method registered (idempotent)."""
+        for handle in self.__dict__.pop("_hook_handles", []):
+            handle.remove()
+
+    def on_predict_end(self) -> None:
+        self.remove_hooks()
 
     # ----------------------------------------------------------------- engine
     def target_reached(self, target_prob: Tensor) -> Tensor:

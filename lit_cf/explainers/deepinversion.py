@@ -53,6 +53,8 @@ class DeepInversionCounterfactual(CounterfactualMethod):
         log_every: Log the loss terms every this many steps.
     """
 
+    method_name = "deepinversion"
+
     def __init__(
         self,
         steps: int = 200,
@@ -77,7 +79,6 @@ class DeepInversionCounterfactual(CounterfactualMethod):
         self.bn_weight, self.first_bn_multiplier, self.bn_statistics = bn_weight, first_bn_multiplier, bn_statistics
         self.proximity_weight, self.jitter, self.flip = proximity_weight, jitter, flip
         self._bn_inputs: list[tuple[nn.BatchNorm2d, Tensor]] = []
-        self._hooks: list = []
         self._draws: Tensor | None = None
 
     # BatchNorm inputs are captured with forward hooks while the loss forward pass runs
@@ -85,19 +86,19 @@ class DeepInversionCounterfactual(CounterfactualMethod):
         self._bn_inputs.append((module, inputs[0]))
 
     def init_latents(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        if not self._hooks and self.bn_weight and getattr(self.classifier, "scripted", False):
+        if self.bn_weight and getattr(self.classifier, "scripted", False) and not self.__dict__.get("_warned_scripted"):
             import warnings
 
+            self.__dict__["_warned_scripted"] = True
             warnings.warn(
                 "the classifier is TorchScript: its BatchNorm statistics cannot be observed, so DeepInversion runs without "
                 "the BN term; give it as {module: ..., weights: <the TorchScript file>} to keep it",
                 stacklevel=2,
             )
-        if not self._hooks:
-            # registered here, inside the predict loop, so the method stays picklable for ddp_spawn
-            self._hooks = [
-                m.register_forward_hook(self._capture) for m in self.classifier.modules() if isinstance(m, nn.BatchNorm2d)
-            ]
+        if not self.has_hooks():  # removed again when the predict loop ends (CounterfactualMethod.remove_hooks)
+            for m in self.classifier.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    self.add_forward_hook(m, self._capture)
         # per record: 2 jitter offsets + 1 flip coin for every step, from the record's own seed
         self._draws = seeded_uniform(batch["seed"], (self.steps, 3), batch["image"].device)
         return {"x": batch["image"].clone()}

@@ -81,6 +81,8 @@ class DiffusionCounterfactual(CounterfactualMethod):
         log_every: Log per-step quantities every this many steps (0 disables).
     """
 
+    abstract = True  # a base of methods, not a registered method
+
     def __init__(
         self,
         diffusion: str | None = None,
@@ -189,6 +191,9 @@ class DiffusionCounterfactual(CounterfactualMethod):
         with a straight-through gradient (a plain clamp would zero the gradient of every pixel
         the denoiser puts slightly outside, e.g. MNIST's background)."""
         return _ste_clamp(self.require_diffusion().to_image(x0_model))
+
+    def declared_outputs(self) -> tuple[str, ...]:
+        return ("stages",) if getattr(self, "num_stages", 0) else ()
 
     def stages_to_images(self, stages: Tensor | None) -> dict[str, Tensor]:
         """``{"stages": [B, K, C, H, W]}`` in ``[0, 1]`` from denoiser-space snapshots (or ``{}``)."""

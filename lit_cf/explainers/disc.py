@@ -191,7 +191,6 @@ class DISCCounterfactual(CounterfactualMethod):
         self._threshold = stages[-1]
         self._soft_target = 1.0  # the target's share of the label of the running stage (stage_rule: steps)
         self._mc_source: str | None = None  # resolved by prepare(): "self", a checkpoint path, or None
-        self._hooks: list = []
         self._layer_names: list[str] = []
         self._feats: list[Tensor] = []
         self._chunk: dict[str, Any] = {}
@@ -315,9 +314,10 @@ class DISCCounterfactual(CounterfactualMethod):
 
     def _register_hooks(self) -> None:
         # registered inside the predict loop, not in attach, so the method stays picklable for ddp_spawn
-        if not self._hooks:
+        if not self.has_hooks():  # removed again when the predict loop ends (CounterfactualMethod.remove_hooks)
             modules = dict(self.classifier.named_modules())
-            self._hooks = [modules[n].register_forward_hook(self._capture) for n in self._layer_names]
+            for n in self._layer_names:
+                self.add_forward_hook(modules[n], self._capture)
 
     def _capture(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         self._feats.append(output.clone())  # a clone: an in-place activation must not change it
@@ -452,6 +452,10 @@ class DISCCounterfactual(CounterfactualMethod):
             v.copy_(torch.where(keep, saved[0][k], v))
             for cur, old in zip(moments[k], saved[1][k]):
                 cur.copy_(torch.where(keep, old, cur))
+
+    def declared_outputs(self) -> tuple[str, ...]:
+        prior = ("prior_psnr", "prior_fit_steps", "prior_target_prob", "prior_image")
+        return prior + (("stages", "stage_target_prob", "stage_steps") if self.progressive else ())
 
     def optimise(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Fit the prior, then run the stages; see the module docstring."""

@@ -82,6 +82,8 @@ def check_generator_checkpoint(path: str | Path) -> dict[str, Any]:
 class _LatentMethod(CounterfactualMethod):
     """Shared part of the latent methods: the generator, the start code and the recorded extras."""
 
+    abstract = True  # a base of methods, not a registered method
+
     def __init__(
         self,
         generator: str,
@@ -150,6 +152,9 @@ class _LatentMethod(CounterfactualMethod):
     def _reference(self, batch: dict[str, Tensor]) -> Tensor:
         """The image treated as the original (pixel distance): the query or its reconstruction."""
         return self._chunk["x0"] if self.original_prediction == "reconstruction" else batch["image"].float()
+
+    def declared_outputs(self) -> tuple[str, ...]:
+        return ("latent", "latent_init", "latent_l2", "recon_pred", "recon_target_prob", "recon_mse")
 
     def _extras(self, z: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         z0, x0, probs = self._chunk["z0"], self._chunk["x0"], self._chunk["recon_probs"]
@@ -384,6 +389,9 @@ class LatentLinearEdit(_LatentMethod):
 
     def loss_terms(self, x_cf, logits, latents, batch, step):
         return {"walk": -latents["alpha"].squeeze(1)}
+
+    def declared_outputs(self) -> tuple[str, ...]:
+        return ("alpha", *super().declared_outputs())
 
     def extra_outputs(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         alpha = latents["alpha"].detach()

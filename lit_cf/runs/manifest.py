@@ -57,6 +57,8 @@ class ManifestRow(_RowBase, total=False):
 PLAN_KEYS = ("record", "index", "source_label", "orig_pred", "target", "seed")
 
 _INT_FIELDS = ("record", "index", "source_label", "orig_pred", "target", "seed", "final_pred", "steps", "chunk", "row")
+#: ``source_label`` is -1 for unlabelled queries (a flat image folder, a tensor batch)
+_LOWEST = {"source_label": -1}
 _FLOAT_FIELDS = ("orig_prob", "orig_target_prob", "final_target_prob", "seconds", "chunk_seconds")
 
 
@@ -67,7 +69,7 @@ def parse_row(obj: Any, where: str) -> ManifestRow:
     missing = [k for k in _RowBase.__annotations__ if k not in obj]
     if missing:
         raise RunIntegrityError(f"{where}: manifest row lacks {missing[:4]}")
-    bad = [k for k in _INT_FIELDS if isinstance(obj[k], bool) or not isinstance(obj[k], int) or obj[k] < 0]
+    bad = [k for k in _INT_FIELDS if isinstance(obj[k], bool) or not isinstance(obj[k], int) or obj[k] < _LOWEST.get(k, 0)]
     bad += [k for k in _FLOAT_FIELDS if isinstance(obj[k], bool) or not isinstance(obj[k], (int, float))]
     if not isinstance(obj["success"], bool):
         bad.append("success")

@@ -156,7 +156,7 @@ def test_evaluate_needs_the_mapping_again_and_checks_it(setup, tmp_path, capsys)
 def test_python_api_bad_input(tmp_path):
     with pytest.raises(UserError, match="pixels in \\[0, 1\\]"):
         lit_cf.explain(torch.nn.Identity(), torch.full((2, 3, 8, 8), 2.0), "pixel", tmp_path / "a")
-    with pytest.raises(UserError, match="needs a generator"):
+    with pytest.raises(UserError, match="latent_attack needs generator"):
         lit_cf.explain(torch.nn.Identity(), torch.rand(2, 3, 8, 8), "latent_attack", tmp_path / "a")
     with pytest.raises(UserError, match="not a folder"):
         lit_cf.explain(torch.nn.Identity(), str(tmp_path / "nope"), "pixel", tmp_path / "a")
