@@ -57,6 +57,25 @@ class LitCFCLI(LightningCLI):
         )
         return parser
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(SampleGridLogger, "sample_grid")
+
+    def before_explain(self) -> None:
+        # the resolved config goes into the run directory next to the counterfactuals
+        self.trainer.explain_config_yaml = self.parser.dump(self.config, skip_none=False)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "evaluate":
+            kwargs.pop("model", None)  # evaluate loads its models from checkpoints
+        if kwargs.get("ckpt_path"):
+            kwargs["weights_only"] = True  # Lightning's own load of --ckpt_path: no unpickling either
+        return kwargs
+
+    def before_evaluate(self) -> None:
+        self.trainer.evaluate_config_yaml = self.parser.dump(self.config, skip_none=False)
+
+    # ----------------------------------------------------------- error boundary (issue 14)
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a constructor's refusal (``ValueError``, a missing
         file) is the user's to fix and becomes one error line."""
@@ -80,14 +99,6 @@ class LitCFCLI(LightningCLI):
         check_ckpt_path(self.config)
         super()._parse_ckpt_path()
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand == "evaluate":
-            kwargs.pop("model", None)  # evaluate loads its models from checkpoints
-        if kwargs.get("ckpt_path"):
-            kwargs["weights_only"] = True  # Lightning's own load of --ckpt_path: no unpickling either
-        return kwargs
-
     def _run_subcommand(self, subcommand: str) -> None:
         from lit_cf.cli_checks import check_before_run
 
@@ -102,16 +113,6 @@ class LitCFCLI(LightningCLI):
             if user_message(err) is not None:
                 created.remove_new()
             raise
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_lightning_class_args(SampleGridLogger, "sample_grid")
-
-    def before_explain(self) -> None:
-        # the resolved config goes into the run directory next to the counterfactuals
-        self.trainer.explain_config_yaml = self.parser.dump(self.config, skip_none=False)
-
-    def before_evaluate(self) -> None:
-        self.trainer.evaluate_config_yaml = self.parser.dump(self.config, skip_none=False)
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:
