@@ -247,3 +247,15 @@ def test_help_documents_the_mapping_and_yaml_configs_take_it(files, folder, tmp_
     main([*args, f"--config={config}", "--num_queries=2"])
     meta = json.loads((out / "run.json").read_text())
     assert meta["classifier"]["class_names"] == ["cat", "dog", "fox"] and meta["classifier"]["input_std"] == STD
+
+
+def test_torchscript_classifier_cannot_feed_disc_feature_preservation(files, folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _explain_args(folder, str(files["traced"]), out)
+    args[args.index(f"--config={CONFIGS / 'explain/pixel.yaml'}")] = f"--config={CONFIGS / 'explain/disc.yaml'}"
+    args += ["--model.init_args.duq=null", "--model.init_args.mc_weight=0", "--model.init_args.fit_steps=2"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "TorchScript does not allow" in err and "weights: <the TorchScript file>" in err
+    assert not out.exists()
