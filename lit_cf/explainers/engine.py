@@ -300,6 +300,9 @@ def run_explain(
         for r, (q, t) in enumerate(pairs)
     ]
     method.prepare(model)  # choices that depend on the classifier, before describe() records them
+    # attached before any output exists: a classifier the method cannot use fails here (e.g. DISC's
+    # feature layers on TorchScript), not in a half-made run directory
+    method.attach(model)
     plan = {
         "lit_cf_version": __version__,
         "method": method.describe(),
@@ -324,7 +327,6 @@ def run_explain(
         return rundir.root
 
     num_chunks = -(-len(records) // chunk_size)
-    method.attach(model)
     loader = DataLoader(
         ChunkDataset(data, records, chunk_size), batch_size=None, sampler=RankChunkSampler(rundir, num_chunks)
     )

@@ -110,6 +110,11 @@ def test_python_api_on_a_tensor_a_file_list_and_a_folder(setup, tmp_path):
     traced = torch.jit.load(str(tmp_path / "tensor" / "classifier.ts"))
     with torch.no_grad():
         torch.testing.assert_close(traced(setup["x"][:2]), normalised(setup["x"][:2]), atol=1e-4, rtol=1e-4)
+    # a tensor run is evaluated with the same tensor saved as .safetensors (lit_cf.data.TensorDataModule)
+    save_file({"image": setup["x"][:2].contiguous()}, tmp_path / "images.safetensors")
+    main(["evaluate", "--data=lit_cf.data.TensorDataModule", f"--data.path={tmp_path / 'images.safetensors'}",
+          "--trainer.logger=false", f"--runs=[{tmp_path / 'tensor'}]", "--cout_steps=2", f"--output_dir={tmp_path / 'ev_tensor'}"])
+    assert json.loads((tmp_path / "ev_tensor" / "metrics.json").read_text())["table"][0]["n"] == 2
     files = sorted(str(p) for p in (setup["folder"] / "dog").iterdir())
     run = lit_cf.explain(normalised, files, "pixel", tmp_path / "files", target=0, on_source_equals_target="skip",
                          num_queries=2, seed=3)

@@ -226,3 +226,36 @@ def test_direct_errors_without_the_cli(files):
         load_classifier({"module": RESNET, "weights": str(files["pt"]), "class_names": ["a", "b"]}, x)
     with pytest.raises(UserError, match="binary_logit"):
         load_classifier(nn.Sequential(nn.Flatten(), nn.Linear(768, 1)), x)
+
+
+def test_help_documents_the_mapping_and_yaml_configs_take_it(files, folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for part in ("{module: {class_path: torchvision.models.resnet18, init_args: {num_classes: 3}}", "weights:",
+                 "input_mean:", "binary_logit", "class_names:", "TorchScript"):
+        assert part in help_text, part
+    config = tmp_path / "classifier.yaml"  # the mapping in a YAML config, as in the issue
+    config.write_text(
+        "classifier:\n"
+        "  module: {class_path: torchvision.models.resnet18, init_args: {num_classes: 3}}\n"
+        f"  weights: {files['safetensors']}\n"
+        f"  input_mean: {MEAN}\n  input_std: {STD}\n  output: logits\n  class_names: [cat, dog, fox]\n"
+    )
+    out = tmp_path / "run"
+    args = [a for a in _explain_args(folder, "x", out) if not a.startswith("--classifier")]
+    main([*args, f"--config={config}", "--num_queries=2"])
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["classifier"]["class_names"] == ["cat", "dog", "fox"] and meta["classifier"]["input_std"] == STD
+
+
+def test_torchscript_classifier_cannot_feed_disc_feature_preservation(files, folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _explain_args(folder, str(files["traced"]), out)
+    args[args.index(f"--config={CONFIGS / 'explain/pixel.yaml'}")] = f"--config={CONFIGS / 'explain/disc.yaml'}"
+    args += ["--model.init_args.duq=null", "--model.init_args.mc_weight=0", "--model.init_args.fit_steps=2"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "TorchScript does not allow" in err and "weights: <the TorchScript file>" in err
+    assert not out.exists()
