@@ -47,13 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LR, L2 = 0.01, 0.01
 
 
-def train_classifier(workdir: Path) -> Path:
+def train_classifier(workdir: Path, train_size: int = 4000, accelerator: str = "auto") -> Path:
     cli_main(
         [
             "fit",
             f"--config={ROOT / 'configs/data/rendered.yaml'}",
             f"--config={ROOT / 'configs/model/cnn.yaml'}",
-            "--data.init_args.train_size=4000",
+            f"--data.init_args.train_size={train_size}",
+            f"--trainer.accelerator={accelerator}",
             "--trainer.max_epochs=1",
             "--trainer.logger=false",
             "--trainer.enable_progress_bar=false",
@@ -77,7 +78,14 @@ def engine_run(ckpt: Path, out: Path, n: int, steps: int, chunk: int, accelerato
     return time.perf_counter() - start
 
 
-def hand_batched(model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor, steps: int, chunk: int) -> float:
+def autocast(device: torch.device, precision: str):
+    """The hand-written loops run under the same mixed precision as the engine's Trainer."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def hand_batched(model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor, steps: int, chunk: int,
+                 precision: str = "32-true") -> float:
     device = images.device
     start = time.perf_counter()
     for s in range(0, len(images), chunk):
@@ -85,7 +93,9 @@ def hand_batched(model: ImageClassifier, images: torch.Tensor, targets: torch.Te
         x = x0.clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=LR)
         for _ in range(steps):
-            loss = (F.cross_entropy(model(x), t, reduction="none") + L2 * ((x - x0) ** 2).flatten(1).sum(1)).sum()
+            with autocast(device, precision):
+                logits = model(x)
+            loss = (F.cross_entropy(logits.float(), t, reduction="none") + L2 * ((x - x0) ** 2).flatten(1).sum(1)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -96,8 +106,9 @@ def hand_batched(model: ImageClassifier, images: torch.Tensor, targets: torch.Te
     return time.perf_counter() - start
 
 
-def per_image(model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor, steps: int) -> float:
-    return hand_batched(model, images, targets, steps, chunk=1)
+def per_image(model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor, steps: int,
+              precision: str = "32-true") -> float:
+    return hand_batched(model, images, targets, steps, chunk=1, precision=precision)
 
 
 def step_flops(model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor) -> int:
@@ -137,6 +148,9 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--train-size", type=int, default=4000, help="rendered images the benchmarked classifier is trained on")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul that measures peak FLOP/s")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,7 +161,7 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        ckpt = train_classifier(tmp / "fit")
+        ckpt = train_classifier(tmp / "fit", args.train_size, args.accelerator)
         engine_s = engine_run(ckpt, tmp / "engine", args.images, args.steps, args.chunk, args.accelerator, args.precision)
         device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu")
         model = load_module(ckpt, ImageClassifier).to(device).eval()
@@ -158,11 +172,11 @@ def main() -> None:
         images = torch.stack([test[i]["image"] for i in range(args.images)]).to(device)
         with torch.no_grad():
             targets = model(images).argsort(-1, descending=True)[:, 1]
-        hand_s = hand_batched(model, images, targets, args.steps, args.chunk)
-        k = args.per_image_subset
-        per_image_s = per_image(model, images[:k], targets[:k], args.steps) / k * args.images
+        hand_s = hand_batched(model, images, targets, args.steps, args.chunk, args.precision)
+        k = min(args.per_image_subset, args.images)
+        per_image_s = per_image(model, images[:k], targets[:k], args.steps, args.precision) / k * args.images
         flops = step_flops(model, images[: args.chunk], targets[: args.chunk]) / args.chunk * args.images * args.steps
-        peak = matmul_rate(device)
+        peak = matmul_rate(device, args.matmul_size)
         rss = {}
         if not args.skip_rss:
             for n in (1000, 10000):
@@ -192,6 +206,19 @@ def main() -> None:
     if rss:
         print(f"{'peak RSS 10k / 1k images':<60}{rss[10000] / rss[1000]:>9.2f}x{'<= 1.2x':>12}")
         print(f"  (1k: {rss[1000]:.0f} MiB, 10k: {rss[10000]:.0f} MiB)")
+    if args.json:
+        figures = {
+            "images": args.images, "steps": args.steps, "chunk": args.chunk, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": args.precision, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "seconds": {"engine": engine_s, "hand_batched": hand_s, "per_image_scaled": per_image_s},
+            "cf_per_second": {"engine": args.images / engine_s, "hand_batched": args.images / hand_s,
+                              "per_image": args.images / per_image_s},
+            "batched_over_per_image": per_image_s / engine_s, "engine_over_hand": engine_s / hand_s,
+            "achieved_over_matmul_flops": flops / engine_s / peak, "per_image_subset": k,
+            "peak_rss_mib": rss or None,
+        }
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
