@@ -67,7 +67,8 @@ def diffusion_filter(
 ) -> Tensor:
     """``F(x)``: noise images in [0, 1] to ``timesteps[0]`` and denoise them with DDPM steps.
 
-    Differentiable end to end when ``x01`` requires grad (every denoiser call keeps its graph).
+    Differentiable end to end when ``x01`` requires grad (every denoiser call keeps its graph);
+    ``clip_denoised`` clamps x0-hat to [-1, 1] with a straight-through gradient.
     ``noise`` ``[len(timesteps), B, ...]``: draw 0 noises the input, draw ``k`` is step ``k``'s.
     Returns the final x0-hat mapped back to image space (not clamped).
     """
@@ -78,8 +79,8 @@ def diffusion_filter(
     for k in range(n):
         t = _tvec(timesteps[k], x_t)
         x0 = x0_from_eps(x_t, denoiser.eps(x_t, timesteps[k], rows).to(x_t.dtype), t, ac)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
+        if clip_denoised:  # straight through: a plain clamp would cut the gradient of saturated pixels
+            x0 = x0 + (x0.clamp(-1, 1) - x0).detach()
         if k == n - 1:
             return denoiser.to_image(x0)
         x_t = ddpm_step(x_t, x0, t, _tvec(timesteps[k + 1], x_t), noise[k + 1], ac)

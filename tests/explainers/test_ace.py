@@ -164,3 +164,14 @@ def test_more_steps_than_the_schedule_is_a_clear_error(models, queries):
     method = ace(models, tau=0.004, num_steps=5)  # checked against the DDPM's schedule (explain: before any output)
     with pytest.raises(UserError, match="num_steps"):
         method.generate(batch(x, targets, list(range(6))))
+
+
+def test_clipping_in_the_filter_keeps_the_gradient_of_saturated_pixels():
+    den = TinyDenoiser(size=4)
+    counted = CountedDenoiser(den, 1)
+    noise = torch.zeros(2, 1, 1, 4, 4)  # no noise: a black image stays at the clamp boundary
+    x = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    out = diffusion_filter(counted, x, [30, 10], noise, torch.arange(1), clip_denoised=True)
+    assert (out.detach() <= 1).all() and (out.detach() >= 0).all()
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert (grad != 0).all()
