@@ -66,6 +66,8 @@ def test_every_config_is_covered():
     covered |= {"data/image_folder.yaml"}
     # DDPMs and DVCE: fitted and run as shipped in tests/models/test_diffusion.py and tests/explainers/test_dvce.py
     covered |= {"model/ddpm_tiny.yaml", "model/ddpm_mnist.yaml", "model/ddpm_celeba.yaml", "explain/dvce.yaml"}
+    # FastDiME and ACE: run as shipped in tests/explainers/test_diffusion_methods_cli.py
+    covered |= {"explain/fastdime.yaml", "explain/ace.yaml"}
     assert shipped == covered, f"configs without a test: {sorted(shipped - covered)}"
 
 
