@@ -265,6 +265,8 @@ class FastDiME(DiffusionCounterfactual):
         log_every: Log every this many chunks (0: off).
     """
 
+    method_name = "fastdime"
+
     def __init__(
         self,
         diffusion: str | None = None,

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 REGISTRY = method_registry()
 
 #: the tiny budget every method runs with here (only the arguments its constructor has)
-BUDGET = {"steps": 4, "fit_steps": 4, "num_steps": 3, "num_stages": 2, "dip_channels": 8, "log_every": 0}
+BUDGET = {"steps": 4, "fit_steps": 4, "num_steps": 3, "iterations": 2, "num_stages": 2, "dip_channels": 8, "log_every": 0}
 #: settings that must be refused (the first one the constructor has is tried)
 BAD = {"steps": 0, "num_steps": 0, "tau": 1.5, "lr": -1.0}
 
@@ -54,7 +54,7 @@ CONFIGS_BY_METHOD = shipped_configs()
 
 
 def test_registry_holds_every_method_and_each_has_one_shipped_config():
-    assert {"pixel", "deepinversion", "disc", "latent_attack", "latent_linear_edit", "dvce"} <= set(REGISTRY)
+    assert {"pixel", "deepinversion", "disc", "latent_attack", "latent_linear_edit", "dvce", "fastdime", "ace"} <= set(REGISTRY)
     assert set(REGISTRY) == set(CONFIGS_BY_METHOD), f"methods without a config: {set(REGISTRY) - set(CONFIGS_BY_METHOD)}"
     assert all(method_name(cls) == name for name, cls in REGISTRY.items())
 
