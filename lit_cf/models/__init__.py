@@ -7,6 +7,7 @@ from lit_cf.models.base import ImageClassifier, freeze
 from lit_cf.models.classifier import Classifier
 from lit_cf.models.descriptors import DescriptorPredictor
 from lit_cf.models.duq import DUQClassifier
+from lit_cf.models.external import ExternalClassifier, load_classifier
 
 __all__ = [
     "PGD",
@@ -16,7 +17,9 @@ __all__ = [
     "ConvNet",
     "DescriptorPredictor",
     "DUQClassifier",
+    "ExternalClassifier",
     "ImageClassifier",
     "ResNet18",
     "freeze",
+    "load_classifier",
 ]
