@@ -8,6 +8,7 @@ from lit_cf.models.classifier import Classifier
 from lit_cf.models.descriptors import DescriptorPredictor
 from lit_cf.models.diffusion import DiffusionModel
 from lit_cf.models.duq import DUQClassifier
+from lit_cf.models.external import ExternalClassifier, load_classifier
 
 __all__ = [
     "PGD",
@@ -18,7 +19,9 @@ __all__ = [
     "DescriptorPredictor",
     "DiffusionModel",
     "DUQClassifier",
+    "ExternalClassifier",
     "ImageClassifier",
     "ResNet18",
     "freeze",
+    "load_classifier",
 ]

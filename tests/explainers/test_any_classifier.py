@@ -116,7 +116,7 @@ def test_python_api_on_a_tensor_a_file_list_and_a_folder(setup, tmp_path):
           "--trainer.logger=false", f"--runs=[{tmp_path / 'tensor'}]", "--cout_steps=2", f"--output_dir={tmp_path / 'ev_tensor'}"])
     assert json.loads((tmp_path / "ev_tensor" / "metrics.json").read_text())["table"][0]["n"] == 2
     files = sorted(str(p) for p in (setup["folder"] / "dog").iterdir())
-    run = lit_cf.explain(normalised, files, "pixel", tmp_path / "files", target=0, on_source_equals_target="skip",
+    run = lit_cf.explain(normalised, files, PixelCounterfactual(steps=3), tmp_path / "files", target=0, on_source_equals_target="skip",
                          num_queries=2, seed=3)
     assert all(r["target"] == 0 for r in run.manifest) and run.meta["seed"] == 3
     # same call again: the finished run is left alone (resume), and evaluate reads the folder run
@@ -156,6 +156,14 @@ def test_evaluate_needs_the_mapping_again_and_checks_it(setup, tmp_path, capsys)
     assert "different classifier" in capsys.readouterr().err and not ev.exists()
     main(["evaluate", *base, f"--runs=[{out}]", f"--output_dir={ev}", f"--classifier={setup['mapping']}", "--cout_steps=2"])
     assert (ev / "metrics.json").exists()
+
+
+def test_python_api_method_names():
+    from lit_cf.api import _method
+    from lit_cf.explainers import DeepInversionCounterfactual, DISCCounterfactual
+
+    assert isinstance(_method("pixel"), PixelCounterfactual) and isinstance(_method("deepinversion"), DeepInversionCounterfactual)
+    assert isinstance(_method("disc"), DISCCounterfactual)
 
 
 def test_python_api_bad_input(tmp_path):
