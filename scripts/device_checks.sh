@@ -45,7 +45,7 @@ if [ "$PREPARE" = 1 ]; then
   mkdir -p .whl
   pkgs=$("$PY" - <<'EOF'
 import importlib.metadata as md
-names = ["jsonargparse", "docstring_parser", "typeshed_client", "diffusers", "importlib_metadata"]
+names = ["jsonargparse", "docstring_parser", "typeshed_client", "diffusers", "importlib_metadata", "lazy-importer"]
 out = []
 for n in names:
     try:
@@ -81,7 +81,7 @@ STATUS=$WORK/status.tsv
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 # checks before anything is written to OUT_DIR
-if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import jsonargparse" 2>/dev/null; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import jsonargparse, diffusers" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl >&2
   export PYTHONPATH=$WORK/site:${PYTHONPATH:-}
 fi

@@ -149,7 +149,11 @@ def build(dataset: str, root: str, epochs: int, overrides: list[str]) -> tuple[D
     ]
     if epochs != PAPER_EPOCHS:  # shortened schedule: milestones at 1/3 and 2/3
         args.append(f"--model.init_args.scheduler.init_args.milestones=[{max(1, round(epochs / 3))},{max(2, round(2 * epochs / 3))}]")
-    cli = build_cli(args + overrides, run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI parses `args` only (and warns if sys.argv has more)
+    try:
+        cli = build_cli(args + overrides, run=False)
+    finally:
+        sys.argv = argv
     if not isinstance(cli.model, DUQClassifier):
         sys.exit(f"repro_duq: {model_cfg} does not build a DUQClassifier")
     return cli.model, cli.datamodule
