@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -207,3 +208,17 @@ def test_dvce_config_runs_as_shipped(ddpm_ckpt, cnn_ckpt, tmp_path):
     assert len(run.meta["method"]["diffusion_sha256"]) == 64
     assert os.path.getsize(out / "grids" / "grid-000.png") > 0
     assert (out / "grids" / "progression-000.png").exists()
+    # an interrupted run (chunk 1 never committed, no manifest) resumes to the same result: a
+    # record's counterfactual depends on its seed only, not on the process that made it
+    reference = [r["final_target_prob"] for r in run.manifest], run.tensor("counterfactual"), run.tensor("stages")
+    for name in ("chunk-000001.jsonl", "chunk-000001.safetensors"):
+        (out / "shards" / name).unlink()
+    (out / "manifest.jsonl").unlink()
+    meta = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    main(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.num_steps=5",
+                      "--num_queries=6", "--chunk_size=4"))
+    resumed = ExplainRun(out)
+    assert [r["final_target_prob"] for r in resumed.manifest] == reference[0]
+    assert torch.equal(resumed.tensor("counterfactual"), reference[1])
+    assert torch.equal(resumed.tensor("stages"), reference[2])
