@@ -13,7 +13,16 @@ import torch
 from lit_cf.cli import main
 from lit_cf.errors import UserError
 from lit_cf.explainers import DVCE, ExplainRun
-from lit_cf.explainers.diffusion_sampler import GuidanceStep, NoiseStream, record_noise, stage_indices, x0_from_eps
+from lit_cf.explainers.diffusion_sampler import (
+    GuidanceStep,
+    NoiseStream,
+    guided_sample,
+    load_diffusion,
+    record_noise,
+    respaced_timesteps,
+    stage_indices,
+    x0_from_eps,
+)
 from lit_cf.explainers.dvce import cone_project
 from lit_cf.models.base import ImageClassifier
 from lit_cf.utils.checkpoint import load_module
@@ -88,6 +97,29 @@ def test_record_noise_rows_depend_only_on_their_seed():
     torch.testing.assert_close(torch.stack([stream.normal() for _ in range(3)]), a, rtol=0, atol=0)
     assert stage_indices(100, 5) == [19, 39, 59, 79, 99] and stage_indices(5, 5) == [0, 1, 2, 3, 4]
     assert stage_indices(3, 5) == [0, 1, 2] and stage_indices(3, 0) == []
+
+
+def test_unguided_sampler_matches_the_models_own_chains(ddpm_ckpt):
+    d = load_diffusion(ddpm_ckpt)
+    ts = respaced_timesteps(d.num_train_timesteps, 0.5, 5)
+    seeds = torch.tensor([1, 2, 3])
+    x = torch.randn(3, *d.model_shape, generator=torch.Generator().manual_seed(0))
+    ddim, stages = guided_sample(d, x, ts, None, NoiseStream(seeds, d.model_shape, "cpu"), sampler="ddim", num_stages=2)
+    torch.testing.assert_close(ddim, d.denoise(x, ts), atol=1e-5, rtol=1e-5)
+    assert stages.shape == (3, 2, *d.model_shape)
+    torch.testing.assert_close(stages[:, -1], ddim.clamp(-1, 1))
+    ddpm, _ = guided_sample(d, x, ts, None, NoiseStream(seeds, d.model_shape, "cpu"), sampler="ddpm")
+    draws = record_noise(seeds, d.model_shape, len(ts), "cpu")
+    torch.testing.assert_close(ddpm, d.denoise(x, ts, noise_fn=lambda k: draws[k]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ddpm, ddim, atol=1e-3)
+
+
+def test_ddim_dvce_is_deterministic_given_the_seed(ddpm_ckpt, cnn_ckpt):
+    method = attached(ddpm_ckpt, cnn_ckpt, sampler="ddim", normalisation="unit", distance="l2")
+    batch = batch_of(queries(2), [1, 2], [10, 11])
+    a, b = method.optimise(batch), method.optimise(batch)
+    assert torch.equal(a["counterfactual"], b["counterfactual"])
+    assert a["counterfactual"].min() >= 0 and a["counterfactual"].max() <= 1
 
 
 # ----------------------------------------------------------------------------- gradient paths
