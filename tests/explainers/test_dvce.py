@@ -172,6 +172,15 @@ def test_counterfactual_does_not_depend_on_chunk_mates_and_seed_reproduces(ddpm_
     assert full["steps"].tolist() == [6] * 4 and full["final_probs"].shape == (4, 10)
 
 
+def test_cone_with_the_explained_classifier_as_robust_one_changes_nothing(ddpm_ckpt, cnn_ckpt):
+    batch = batch_of(queries(2), [1, 2], [10, 11])
+    plain = attached(ddpm_ckpt, cnn_ckpt).optimise(batch)
+    cone = attached(ddpm_ckpt, cnn_ckpt, cone=True, robust_classifier=str(cnn_ckpt))
+    assert cone.robust is not None and "robust_classifier_sha256" in cone.describe()
+    # the robust gradient equals the explained one: angle 0, inside every cone
+    torch.testing.assert_close(cone.optimise(batch)["counterfactual"], plain["counterfactual"], atol=1e-5, rtol=0)
+
+
 def test_guidance_moves_towards_the_target(ddpm_ckpt, cnn_ckpt):
     x = queries(4)
     batch = batch_of(x, [1, 2, 3, 4], [10, 11, 12, 13])
