@@ -433,6 +433,39 @@ class DiffusionModel(L.LightningModule):
         return path
 
 
+@torch.no_grad()
+def round_trip_scores(
+    model: DiffusionModel,
+    classifier: nn.Module,
+    images: Tensor,
+    taus: Sequence[float],
+    num_steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> dict[float, float]:
+    """Share of ``images`` whose classifier prediction survives the round trip ``F_tau`` per ``tau``.
+
+    ``F_tau(x)``: noise ``x`` to ``tau`` and denoise unguided with ``num_steps`` DDIM steps
+    (:meth:`DiffusionModel.round_trip`). The noise of image ``i`` is the same for every ``tau``
+    (drawn once, in order, from ``seed``), so the rows of a table are paired; batching does not
+    change the result.
+    """
+    device = model.alphas_cumprod.device
+    noise = torch.randn((len(images), *model.model_shape), generator=torch.Generator().manual_seed(seed))
+    preds = torch.cat([classifier(images[i : i + batch_size].to(device)).argmax(-1).cpu()
+                       for i in range(0, len(images), batch_size)])
+    scores = {}
+    for tau in taus:
+        kept = 0
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device)
+            out = model.round_trip(x, tau, min(num_steps, round(tau * model.num_train_timesteps)),
+                                   noise[i : i + batch_size].to(device))
+            kept += int((classifier(out).argmax(-1).cpu() == preds[i : i + batch_size]).sum())
+        scores[float(tau)] = kept / max(1, len(images))
+    return scores
+
+
 def data_identity(datamodule: Any) -> dict[str, Any]:
     """What identifies a model's training data: datamodule class, dataset name and image shape."""
     info = datamodule.describe() if hasattr(datamodule, "describe") else {}
@@ -453,5 +486,6 @@ __all__ = [
     "previous_timesteps",
     "q_sample",
     "respaced_timesteps",
+    "round_trip_scores",
     "x0_from_eps",
 ]

@@ -17,6 +17,7 @@ from lit_cf.models.diffusion import (
     ddpm_step,
     q_sample,
     respaced_timesteps,
+    round_trip_scores,
     x0_from_eps,
 )
 from tests.conftest import CONFIGS, fit_checkpoint
@@ -113,6 +114,17 @@ def test_ddpm_loss_falls_on_a_tiny_set_and_ema_tracks_the_weights():
     assert (p - e).abs().sum().item() < gap
     assert not any(q.requires_grad for q in model.ema.parameters())
     assert any(k.startswith("ema.") for k in model.state_dict())
+
+
+def test_round_trip_scores_are_shares_and_do_not_depend_on_batching():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    images = torch.rand(10, 1, 28, 28)
+    a = round_trip_scores(model, clf, images, [0.2, 1.0], num_steps=3, batch_size=4)
+    b = round_trip_scores(model, clf, images, [0.2, 1.0], num_steps=3, batch_size=10)
+    assert a == b and set(a) == {0.2, 1.0}
+    assert all(v * 10 == round(v * 10) and 0 <= v <= 1 for v in a.values())
 
 
 # ----------------------------------------------------------------------------- configs
