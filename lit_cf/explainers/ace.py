@@ -262,7 +262,7 @@ class ACE(DiffusionCounterfactual):
         self.validate_settings()
         x, target, seeds = batch["image"].float(), batch["target"], batch["seed"]
         n = len(x)
-        counted = CountedDenoiser(self.denoiser(), n)
+        counted = CountedDenoiser(self.denoiser(), n, x.device)
         timesteps = self.grid()
         adv, filtered, used = ace_attack(
             counted, self.classifier, x, target, seeds, timesteps, iterations=self.iterations,

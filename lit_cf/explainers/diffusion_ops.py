@@ -106,9 +106,9 @@ class CountedDenoiser:
     cost, whatever its chunk-mates did.
     """
 
-    def __init__(self, denoiser: Denoiser, num_records: int) -> None:
+    def __init__(self, denoiser: Denoiser, num_records: int, device: torch.device | str = "cpu") -> None:
         self.denoiser = denoiser
-        self.counts = torch.zeros(num_records, dtype=torch.long)
+        self.counts = torch.zeros(num_records, dtype=torch.long, device=device)  # where rows live: no sync
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -122,5 +122,5 @@ class CountedDenoiser:
 
     def eps(self, x_t: Tensor, t: int, rows: Tensor) -> Tensor:
         """Noise prediction at grid timestep ``t`` (shared by the sub-batch) for the records ``rows``."""
-        self.counts[rows.cpu()] += 1
+        self.counts[rows.to(self.counts.device)] += 1
         return self.denoiser.eps(x_t, torch.full((len(x_t),), int(t), dtype=torch.long, device=x_t.device))

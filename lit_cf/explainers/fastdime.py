@@ -367,7 +367,7 @@ class FastDiME(DiffusionCounterfactual):
         self.validate_settings()
         x, target, seeds = batch["image"].float(), batch["target"], batch["seed"]
         n = len(x)
-        counted = CountedDenoiser(self.denoiser(), n)
+        counted = CountedDenoiser(self.denoiser(), n, x.device)
         timesteps = self.grid()
         steps_at = stage_indices(len(timesteps), self.num_stages)
         mask_start = None if self.mask_from is None else round(self.mask_from * len(timesteps))
