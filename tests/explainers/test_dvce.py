@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -12,7 +13,16 @@ import torch
 from lit_cf.cli import main
 from lit_cf.errors import UserError
 from lit_cf.explainers import DVCE, ExplainRun
-from lit_cf.explainers.diffusion_sampler import GuidanceStep, NoiseStream, record_noise, stage_indices, x0_from_eps
+from lit_cf.explainers.diffusion_sampler import (
+    GuidanceStep,
+    NoiseStream,
+    guided_sample,
+    load_diffusion,
+    record_noise,
+    respaced_timesteps,
+    stage_indices,
+    x0_from_eps,
+)
 from lit_cf.explainers.dvce import cone_project
 from lit_cf.models.base import ImageClassifier
 from lit_cf.utils.checkpoint import load_module
@@ -89,6 +99,29 @@ def test_record_noise_rows_depend_only_on_their_seed():
     assert stage_indices(3, 5) == [0, 1, 2] and stage_indices(3, 0) == []
 
 
+def test_unguided_sampler_matches_the_models_own_chains(ddpm_ckpt):
+    d = load_diffusion(ddpm_ckpt)
+    ts = respaced_timesteps(d.num_train_timesteps, 0.5, 5)
+    seeds = torch.tensor([1, 2, 3])
+    x = torch.randn(3, *d.model_shape, generator=torch.Generator().manual_seed(0))
+    ddim, stages = guided_sample(d, x, ts, None, NoiseStream(seeds, d.model_shape, "cpu"), sampler="ddim", num_stages=2)
+    torch.testing.assert_close(ddim, d.denoise(x, ts), atol=1e-5, rtol=1e-5)
+    assert stages.shape == (3, 2, *d.model_shape)
+    torch.testing.assert_close(stages[:, -1], ddim.clamp(-1, 1))
+    ddpm, _ = guided_sample(d, x, ts, None, NoiseStream(seeds, d.model_shape, "cpu"), sampler="ddpm")
+    draws = record_noise(seeds, d.model_shape, len(ts), "cpu")
+    torch.testing.assert_close(ddpm, d.denoise(x, ts, noise_fn=lambda k: draws[k]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ddpm, ddim, atol=1e-3)
+
+
+def test_ddim_dvce_is_deterministic_given_the_seed(ddpm_ckpt, cnn_ckpt):
+    method = attached(ddpm_ckpt, cnn_ckpt, sampler="ddim", normalisation="unit", distance="l2")
+    batch = batch_of(queries(2), [1, 2], [10, 11])
+    a, b = method.optimise(batch), method.optimise(batch)
+    assert torch.equal(a["counterfactual"], b["counterfactual"])
+    assert a["counterfactual"].min() >= 0 and a["counterfactual"].max() <= 1
+
+
 # ----------------------------------------------------------------------------- gradient paths
 def test_x0_prediction_switch_differentiates_through_the_denoiser_or_at_x0_hat(ddpm_ckpt, cnn_ckpt):
     through = attached(ddpm_ckpt, cnn_ckpt, x0_prediction=True)
@@ -137,6 +170,15 @@ def test_counterfactual_does_not_depend_on_chunk_mates_and_seed_reproduces(ddpm_
     assert full["stages"].shape == (4, 5, 1, 28, 28)
     torch.testing.assert_close(full["stages"][:, -1], full["counterfactual"])
     assert full["steps"].tolist() == [6] * 4 and full["final_probs"].shape == (4, 10)
+
+
+def test_cone_with_the_explained_classifier_as_robust_one_changes_nothing(ddpm_ckpt, cnn_ckpt):
+    batch = batch_of(queries(2), [1, 2], [10, 11])
+    plain = attached(ddpm_ckpt, cnn_ckpt).optimise(batch)
+    cone = attached(ddpm_ckpt, cnn_ckpt, cone=True, robust_classifier=str(cnn_ckpt))
+    assert cone.robust is not None and "robust_classifier_sha256" in cone.describe()
+    # the robust gradient equals the explained one: angle 0, inside every cone
+    torch.testing.assert_close(cone.optimise(batch)["counterfactual"], plain["counterfactual"], atol=1e-5, rtol=0)
 
 
 def test_guidance_moves_towards_the_target(ddpm_ckpt, cnn_ckpt):
@@ -207,3 +249,17 @@ def test_dvce_config_runs_as_shipped(ddpm_ckpt, cnn_ckpt, tmp_path):
     assert len(run.meta["method"]["diffusion_sha256"]) == 64
     assert os.path.getsize(out / "grids" / "grid-000.png") > 0
     assert (out / "grids" / "progression-000.png").exists()
+    # an interrupted run (chunk 1 never committed, no manifest) resumes to the same result: a
+    # record's counterfactual depends on its seed only, not on the process that made it
+    reference = [r["final_target_prob"] for r in run.manifest], run.tensor("counterfactual"), run.tensor("stages")
+    for name in ("chunk-000001.jsonl", "chunk-000001.safetensors"):
+        (out / "shards" / name).unlink()
+    (out / "manifest.jsonl").unlink()
+    meta = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    main(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.num_steps=5",
+                      "--num_queries=6", "--chunk_size=4"))
+    resumed = ExplainRun(out)
+    assert [r["final_target_prob"] for r in resumed.manifest] == reference[0]
+    assert torch.equal(resumed.tensor("counterfactual"), reference[1])
+    assert torch.equal(resumed.tensor("stages"), reference[2])
