@@ -236,7 +236,10 @@ class DISCCounterfactual(CounterfactualMethod):
         budget = self.steps if self.progressive else self.steps * len(self.stages)
         if self.stage_rule == "threshold":
             return f"per image at each stage's target probability ({stages}), at most {budget} steps per stage"
-        each = f"{budget} steps per stage (soft targets {stages})"
+        if self.progressive:
+            each = f"{budget} steps per stage (soft targets {stages})"
+        else:
+            each = f"{budget} steps (one stage, soft target {stages})"
         if self.stop_probability is None:
             return f"none: every image runs {each}"
         return f"per image at p(target) >= {self.stop_probability:g}, else {each}"

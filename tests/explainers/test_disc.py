@@ -304,7 +304,7 @@ def test_dip_explain_records_fit_quality_and_non_progressive_has_no_stages(cnn_c
     fits = [(r["prior_psnr"], r["prior_fit_steps"]) for r in run.manifest]
     assert all(25.0 <= q < 100.0 and 0 < n < 300 for q, n in fits), fits  # fitted per image, stopped at 25 dB
     assert all(r["steps"] == 160 for r in run.manifest)  # one stage, its whole budget (steps x 4), no early stop
-    assert run.meta["method"]["stopping"] == "none: every image runs 160 steps per stage (soft targets 1)"
+    assert run.meta["method"]["stopping"] == "none: every image runs 160 steps (one stage, soft target 1)"
     assert run.meta["method"]["manifold_consistency"] == "off (mc_weight: 0)"
     assert not list((out / "grids").glob("progression-*"))
     with pytest.raises(UserError, match="no tensor 'stages'"):
