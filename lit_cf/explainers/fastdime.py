@@ -267,6 +267,13 @@ class FastDiME(DiffusionCounterfactual):
 
     method_name = "fastdime"
 
+    def stopping_rule(self) -> str:
+        scales = ", ".join(f"{s:g}" for s in self.class_scales)
+        return (
+            f"per image between attempts: each attempt runs {self.num_steps} steps; an image whose output is the "
+            f"target is not rerun at the next class scale ({scales})"
+        )
+
     def __init__(
         self,
         diffusion: str | None = None,
