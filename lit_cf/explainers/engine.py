@@ -251,12 +251,14 @@ def run_explain(
         data = datamodule.dataset(split)
     except ValueError as err:
         raise UserError(str(err)) from err
+    data_classes = getattr(datamodule, "num_classes", None)
+    if source_class is not None and data_classes and source_class >= data_classes:
+        raise UserError(f"source_class {source_class} is out of range: the data has classes 0..{data_classes - 1}")
     chosen = select_queries(data, indices, None if select != "all" else num_queries, source_class)
     if not chosen:
         raise UserError(f"the query selection is empty (split {split!r}, indices {indices}, source_class {source_class})")
     # any classifier source (lit-cf .ckpt, TorchScript, module mapping, Python module), checked on two queries
     model, source_info = load_classifier(classifier, example=torch.stack([data[i]["image"] for i in chosen[:2]]))
-    data_classes = getattr(datamodule, "num_classes", None)
     if data_classes and data_classes != model.num_classes:
         raise UserError(
             f"the classifier has {model.num_classes} classes but {type(datamodule).__name__} has {data_classes}: "

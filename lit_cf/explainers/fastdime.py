@@ -95,13 +95,21 @@ class PerceptualTerm(nn.Module):
     (one layer per resolution stage of a lit-cf classifier's backbone).
     """
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: nn.Module, example: Tensor | None = None) -> None:
         super().__init__()
         # metrics import the run format and explainers; import at attach time, not module import
         from lit_cf.metrics.features import FeatureMaps
-        from lit_cf.metrics.suite import perceptual_layers
 
-        self.maps = FeatureMaps(_Backbone(classifier), perceptual_layers(classifier))
+        if hasattr(classifier, "backbone"):
+            from lit_cf.metrics.suite import perceptual_layers
+
+            self.maps = FeatureMaps(_Backbone(classifier), perceptual_layers(classifier))
+        else:  # any other module (e.g. a user's torchvision model): one layer per resolution stage
+            from lit_cf.metrics.sources import auto_feature_layers
+
+            if example is None:
+                raise ValueError("a module without a lit-cf backbone needs an example input to choose its layers")
+            self.maps = FeatureMaps(classifier, auto_feature_layers(classifier, example))
 
     def features(self, x01: Tensor) -> list[Tensor]:
         return self.maps(x01)
@@ -354,7 +362,8 @@ class FastDiME(DiffusionCounterfactual):
             self.feature_net = freeze(load_module(self.feature_network_path, ImageClassifier))
         network = self.feature_net if self.feature_network_path is not None else self.classifier
         try:
-            self.perceptual = PerceptualTerm(network)
+            example = torch.zeros(2, *self.require_diffusion().image_shape)
+            self.perceptual = PerceptualTerm(network, example.to(next(network.parameters()).device))
         except ValueError as err:
             raise UserError(f"cannot build the perceptual term on {type(network).__name__}: {err}") from err
 

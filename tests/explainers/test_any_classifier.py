@@ -69,13 +69,40 @@ METHODS = {
              "--model.init_args.duq=null", "--model.init_args.mc_weight=0", "--model.init_args.feature_layers=[net.layer1,net.layer2]"],
     "latent_attack": ["--model.init_args.steps=3"],
     "latent_linear_edit": ["--model.init_args.steps=3", "--model.init_args.descriptor=dog"],
+    "dvce": ["--model.init_args.num_steps=3", "--model.init_args.num_stages=2"],
+    "fastdime": ["--model.init_args.num_steps=3", "--model.init_args.num_stages=2"],
+    "ace": ["--model.init_args.num_steps=3", "--model.init_args.iterations=2", "--model.init_args.mask_kernel=3",
+            "--model.init_args.num_stages=2"],
 }
+DIFFUSION = ("dvce", "fastdime", "ace")
+
+
+@pytest.fixture(scope="module")
+def ddpm(setup) -> Path:
+    """A tiny DDPM fitted by `lit-cf fit` on the same image folder (16 px RGB)."""
+    main([
+        "fit", f"--config={CONFIGS / 'data/image_folder.yaml'}", f"--data.init_args.root={setup['folder']}", *DATA,
+        f"--config={CONFIGS / 'model/ddpm_tiny.yaml'}", "--model.init_args.image_shape=[3,16,16]",
+        "--model.init_args.model_size=16", "--model.init_args.denoiser.init_args.sample_size=16",
+        "--model.init_args.denoiser.init_args.in_channels=3", "--model.init_args.denoiser.init_args.out_channels=3",
+        f"--config={CONFIGS / 'trainer/smoke.yaml'}", "--trainer.logger=false",
+        f"--trainer.default_root_dir={setup['root'] / 'ddpm'}", "--sample_grid.num_samples=0",
+    ])
+    return sorted((setup["root"] / "ddpm").rglob("*.ckpt"))[-1]
+
+
+def test_every_registered_method_is_run_on_an_image_folder():
+    from lit_cf.explainers.registry import method_registry
+
+    assert set(METHODS) == set(method_registry())
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_on_an_image_folder_with_a_torchvision_model(setup, method, tmp_path):
+def test_every_method_on_an_image_folder_with_a_torchvision_model(setup, method, tmp_path, request):
     out = tmp_path / "run"
     extra = list(METHODS[method])
+    if method in DIFFUSION:
+        extra.append(f"--model.init_args.diffusion={request.getfixturevalue('ddpm')}")
     if method.startswith("latent"):
         extra.append(f"--model.init_args.generator={setup['ae']}")
     if method == "latent_linear_edit":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from lit_cf.cli import main
+from lit_cf.runs import RunDir
 from lit_cf.errors import UserError
 from lit_cf.explainers import DVCE, ExplainRun
 from lit_cf.explainers.diffusion_sampler import (
@@ -255,8 +255,8 @@ def test_dvce_config_runs_as_shipped(ddpm_ckpt, cnn_ckpt, tmp_path):
     for name in ("chunk-000001.jsonl", "chunk-000001.safetensors"):
         (out / "shards" / name).unlink()
     (out / "manifest.jsonl").unlink()
-    meta = json.loads((out / "run.json").read_text())
-    (out / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    rundir = RunDir(out)  # run.json carries its own checksum: rewrite it through the run format
+    rundir.write_meta({k: v for k, v in rundir.read_meta().items() if k not in ("version", "checksum")} | {"status": "running"})
     main(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.num_steps=5",
                       "--num_queries=6", "--chunk_size=4"))
     resumed = ExplainRun(out)
