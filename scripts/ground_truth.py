@@ -115,7 +115,6 @@ from typing import Any
 
 from script_env import ENV, prepare_out, set_threads  # scripts/ is on sys.path when a script runs
 
-from lit_cf.models.autoencoder import OUTPUT_ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
@@ -403,8 +402,8 @@ def main() -> int:
                         help="the attribution DISC's verdict reads: the edit from its fitted prior's image, or from the query")
     parser.add_argument("--generator", choices=["autoencoder", "vae"], default="autoencoder",
                         help="LatentAttack's generator: configs/model/autoencoder.yaml (64-d) or configs/model/vae.yaml (16-d)")
-    parser.add_argument("--ae-output", choices=list(OUTPUT_ACTIVATIONS), default=None,
-                        help="the autoencoder's output activation (default identity; sigmoid saturates on the empty "
+    parser.add_argument("--ae-output", default=None,
+                        help="the autoencoder's output activation, sigmoid | identity (default identity; sigmoid saturates on the empty "
                              "corner, see lit_cf.models.AutoEncoder); the VAE is always sigmoid")
     parser.add_argument(
         "--disc-args", default="",
@@ -433,7 +432,12 @@ def main() -> int:
     if args.ae_output is None:
         args.ae_output = "identity" if args.generator == "autoencoder" else "sigmoid"
     if args.generator == "vae" and args.ae_output != "sigmoid":
-        parser.error("--ae-output identity needs --generator autoencoder (the VAE's Bernoulli likelihood needs a sigmoid)")
+        parser.error(f"--ae-output {args.ae_output} needs --generator autoencoder (the VAE's Bernoulli likelihood needs a sigmoid)")
+    # imported after the cheap checks: importing lit-cf takes seconds, a usage error should not
+    from lit_cf.models.autoencoder import OUTPUT_ACTIVATIONS
+
+    if args.ae_output not in OUTPUT_ACTIVATIONS:
+        parser.error(f"--ae-output must be one of {list(OUTPUT_ACTIVATIONS)}, got {args.ae_output!r}")
     TARGET = args.shortcut_class
     out = Path(args.out or f"runs/ground-truth-{time.strftime('%Y%m%d-%H%M%S')}")
     prepare_out(out, args.overwrite, OWNED, "ground_truth")

@@ -30,7 +30,6 @@ Author's advice for ``tau``: the filter alone should keep the prediction, ``C(F(
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ from lit_cf.errors import UserError
 from lit_cf.explainers.base import per_image_sum
 from lit_cf.explainers.diffusion_base import DiffusionCounterfactual
 from lit_cf.explainers.diffusion_ops import CountedDenoiser, difference_mask, mask_to_model, stream_noise
-from lit_cf.explainers.diffusion_sampler import ddpm_step, q_sample, respaced_timesteps, stage_indices, x0_from_eps
+from lit_cf.explainers.diffusion_sampler import ddpm_step, q_sample, stage_indices, x0_from_eps
 
 __all__ = ["ACE", "ace_attack", "diffusion_filter", "repaint_refine"]
 
@@ -253,14 +252,6 @@ class ACE(DiffusionCounterfactual):
             raise UserError(f"mask_kernel must be an odd number >= 1, got {self.mask_kernel}")
         if not 0.0 <= self.mask_threshold < 1.0:
             raise UserError(f"mask_threshold must be in [0, 1), got {self.mask_threshold}")
-
-    def denoiser(self) -> Any:
-        """The loaded DDPM (``eps``, ``alphas_cumprod``, ``to_model``, ``to_image``)."""
-        return self.require_diffusion()
-
-    def grid(self) -> list[int]:
-        """The descending respaced timesteps from ``tau`` (UserError if they do not fit the schedule)."""
-        return [int(t) for t in respaced_timesteps(len(self.denoiser().alphas_cumprod), self.tau, self.num_steps)]
 
     def generate(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.validate_settings()

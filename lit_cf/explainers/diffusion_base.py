@@ -178,6 +178,14 @@ class DiffusionCounterfactual(CounterfactualMethod):
         return self.diffusion
 
     # ----------------------------------------------------------------- helpers for subclasses
+    def denoiser(self) -> DiffusionModel:
+        """The loaded DDPM (``eps``, ``alphas_cumprod``, ``to_model``, ``to_image``)."""
+        return self.require_diffusion()
+
+    def grid(self) -> list[int]:
+        """The descending respaced timesteps from ``tau`` as ints (UserError if they do not fit the schedule)."""
+        return [int(t) for t in respaced_timesteps(len(self.denoiser().alphas_cumprod), self.tau, self.num_steps)]
+
     def timesteps(self, device: torch.device) -> Tensor:
         """The descending respaced grid from ``tau`` (``num_steps`` steps)."""
         return respaced_timesteps(self.require_diffusion().num_train_timesteps, self.tau, self.num_steps).to(device)

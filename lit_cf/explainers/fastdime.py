@@ -49,7 +49,6 @@ mask) and the x0-hat trajectory ``stages`` ``[B, num_stages, C, H, W]`` of the k
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,7 +63,7 @@ from lit_cf.explainers.diffusion_ops import (
     posterior_variance,
     stream_noise,
 )
-from lit_cf.explainers.diffusion_sampler import ddpm_step, q_sample, respaced_timesteps, stage_indices, x0_from_eps
+from lit_cf.explainers.diffusion_sampler import ddpm_step, q_sample, stage_indices, x0_from_eps
 from lit_cf.models.base import ImageClassifier, freeze
 from lit_cf.utils.checkpoint import checkpoint_class, file_sha256, load_module
 
@@ -371,14 +370,6 @@ class FastDiME(DiffusionCounterfactual):
         return super().frozen_modules() + ([self.feature_net] if self.feature_net is not None else [])
 
     # ----------------------------------------------------------------- method
-    def denoiser(self) -> Any:
-        """The loaded DDPM (``eps``, ``alphas_cumprod``, ``to_model``, ``to_image``)."""
-        return self.require_diffusion()
-
-    def grid(self) -> list[int]:
-        """The descending respaced timesteps from ``tau`` (UserError if they do not fit the schedule)."""
-        return [int(t) for t in respaced_timesteps(len(self.denoiser().alphas_cumprod), self.tau, self.num_steps)]
-
     def generate(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.validate_settings()
         x, target, seeds = batch["image"].float(), batch["target"], batch["seed"]
