@@ -21,7 +21,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lit_cf.report.formatting import MISSING, as_number, cell, columns_of, format_value, is_missing
+from lit_cf.report.formatting import (
+    MISSING,
+    as_number,
+    cell,
+    columns_of,
+    format_value,
+    is_missing,
+)
+from lit_cf.report.images import signed_difference
 
 MIN_IMAGE_PX = 84  # small images (MNIST 28x28) are upscaled, nearest neighbour, to at least this size
 METRICS_PER_FIGURE = 12
@@ -92,9 +100,7 @@ def signed_difference_map(query: Tensor, counterfactual: Tensor) -> tuple[Tensor
     """
     diff = (counterfactual - query).sum(0)
     scale = float(diff.abs().max()) if diff.numel() else 0.0
-    d = diff / scale if scale > 0 else torch.zeros_like(diff)
-    pos, neg = d.clamp(min=0), (-d).clamp(min=0)
-    return torch.stack([1 - neg, 1 - pos - neg, 1 - pos]).clamp(0, 1), scale
+    return signed_difference(query[None], counterfactual[None])[0], scale
 
 
 def _png_data_uri(array: np.ndarray, min_px: int = MIN_IMAGE_PX) -> tuple[str, int, int]:
