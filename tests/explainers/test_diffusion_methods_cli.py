@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ from lit_cf.cli import main
 from lit_cf.explainers import ExplainRun
 from lit_cf.explainers.diffusion_sampler import stage_indices
 from tests.conftest import CONFIGS, ROOT
-from tests.explainers.test_explain_cli import DATA, _cli, rows_without_timing
+from tests.explainers.test_explain_cli import DATA, _cli, kill_after_chunks, rows_without_timing
 
 # the tiny DDPM has a 100-step schedule: few steps keep each chunk at a fraction of a second
 FAST = {
@@ -88,16 +84,7 @@ def test_fastdime_resume_after_sigkill_matches_uninterrupted_run(cnn_ckpt, ddpm_
     main(diffusion_args(cnn_ckpt, ddpm_ckpt, ref, method, *common))
     out = tmp_path / "killed"
     args = _cli(*diffusion_args(cnn_ckpt, ddpm_ckpt, out, method, *common))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((out / "shards").glob("chunk-*.jsonl"))) < 2:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list((out / "shards").glob("chunk-*.jsonl")))
+    done = kill_after_chunks(args, out, 2, tmp_path, {**os.environ, "PYTHONPATH": str(ROOT)}, poll=0.02)
     assert 2 <= done < 12, f"kill landed after {done} of 12 chunks"
     assert not (out / "manifest.jsonl").exists()
     main(diffusion_args(cnn_ckpt, ddpm_ckpt, out, method, *common))  # resume in-process: one start-up less

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lit_cf.cli import main
 from lit_cf.explainers import ExplainRun
@@ -105,6 +104,20 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lit_cf", *args]
 
 
+def kill_after_chunks(args: list[str], out: Path, chunks: int, cwd: Path, env: dict[str, str], poll: float = 0.05) -> int:
+    """Start ``args`` in a subprocess, SIGKILL it once ``chunks`` chunks of ``out`` are committed
+    (or after 240 s), and return how many chunks were committed by then."""
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "shards").glob("chunk-*.jsonl"))) < chunks:
+        if proc.poll() is not None:
+            break
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(list((out / "shards").glob("chunk-*.jsonl")))
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(cnn_ckpt, tmp_path):
     common = ["--num_queries=96", "--chunk_size=8", "--model.init_args.steps=60", "--model.init_args.stop_probability=0.999"]
     ref = tmp_path / "ref"
@@ -112,15 +125,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(cnn_ckpt, tmp_path):
     out = tmp_path / "killed"
     args = _cli(*explain_args(cnn_ckpt, out, *common))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((out / "shards").glob("chunk-*.jsonl"))) < 2:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list((out / "shards").glob("chunk-*.jsonl")))
+    done = kill_after_chunks(args, out, 2, tmp_path, env)
     assert 2 <= done < 12, f"kill landed after {done} of 12 chunks"
     assert not (out / "manifest.jsonl").exists()
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
