@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lit_cf.errors import UserError
 
+
 def _method(method: Any) -> Any:
     import inspect
 
@@ -27,9 +28,7 @@ def _method(method: Any) -> Any:
     if isinstance(method, CounterfactualMethod):
         return method
     if not isinstance(method, str):
-        raise UserError(
-            f"method must be a lit_cf.explainers method instance or one of {list(method_registry())}, got {method!r}"
-        )
+        raise UserError(f"method must be a lit_cf.explainers method instance or one of {list(method_registry())}, got {method!r}")
     cls = method_class(method)
     required = [
         n
@@ -78,9 +77,7 @@ def _datamodule(images: Any, classifier: Any, image_size: int | None, channels: 
                 size, mode = min(im.size), im.mode
             image_size = image_size or size
             channels = channels or _first_conv_channels(classifier) or (1 if mode in ("L", "1", "I;16") else 3)
-        dm = ImageFolderDataModule(
-            root=str(images) if folder else None, files=files, image_size=image_size, channels=channels
-        )
+        dm = ImageFolderDataModule(root=str(images) if folder else None, files=files, image_size=image_size, channels=channels)
         return dm, "all"
     raise UserError(f"images must be a tensor [N, C, H, W], a list of image files or a folder, got {type(images).__name__}")
 

@@ -68,7 +68,8 @@ def data_args(args: argparse.Namespace) -> list[str]:
     if args.data == "mnist":
         return [f"--config={C / 'data/mnist.yaml'}", f"--data.init_args.root={args.root}"]
     return [
-        f"--config={C / 'data/celeba.yaml'}", f"--data.init_args.root={args.root}",
+        f"--config={C / 'data/celeba.yaml'}",
+        f"--data.init_args.root={args.root}",
         f"--data.init_args.target_attribute={args.attribute}",
     ]
 
@@ -77,8 +78,10 @@ def model_specs(args: argparse.Namespace) -> dict[str, tuple[list[str], int, int
     """name -> (config args, epochs, seed)."""
     if args.data == "mnist":
         small_duq = [
-            f"--config={C / 'model/duq_cnn.yaml'}", "--model.init_args.backbone.init_args.channels=[32,64,64]",
-            "--model.init_args.backbone.init_args.hidden=128", "--model.init_args.embedding_size=128",
+            f"--config={C / 'model/duq_cnn.yaml'}",
+            "--model.init_args.backbone.init_args.channels=[32,64,64]",
+            "--model.init_args.backbone.init_args.hidden=128",
+            "--model.init_args.embedding_size=128",
         ]
         return {
             "classifier": ([f"--config={C / 'model/cnn.yaml'}"], args.epochs, 0),
@@ -99,10 +102,20 @@ def train_models(args: argparse.Namespace) -> dict[str, Path]:
         if not (folder / "last.ckpt").exists():
             limit = [f"--data.init_args.limit={args.train_limit}"] if args.train_limit else []
             lit_cf(
-                "fit", *data_args(args), *cfg, *limit, "--trainer.logger=false", f"--trainer.accelerator={args.accelerator}",
-                "--sample_grid.num_samples=0", f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
-                f"--trainer.default_root_dir={folder}", "--trainer.callbacks+=ModelCheckpoint",
-                f"--trainer.callbacks.dirpath={folder}", "--trainer.callbacks.filename=last", "--trainer.enable_progress_bar=false",
+                "fit",
+                *data_args(args),
+                *cfg,
+                *limit,
+                "--trainer.logger=false",
+                f"--trainer.accelerator={args.accelerator}",
+                "--sample_grid.num_samples=0",
+                f"--seed_everything={seed}",
+                f"--trainer.max_epochs={epochs}",
+                f"--trainer.default_root_dir={folder}",
+                "--trainer.callbacks+=ModelCheckpoint",
+                f"--trainer.callbacks.dirpath={folder}",
+                "--trainer.callbacks.filename=last",
+                "--trainer.enable_progress_bar=false",
             )
         ckpt[name] = folder / "last.ckpt"
     return ckpt
@@ -169,9 +182,16 @@ def matched_table(args: argparse.Namespace, ckpt: dict[str, Path], names: list[s
                 fid.update(cf, real=False)
                 cert.update(cf, q)
                 ota = (oracle(cf).argmax(-1) == target).float().mean()
-            row.update({"l1_mean": float(delta.abs().sum(1).mean()), "l2_mean": float(delta.norm(dim=1).mean()),
-                        "fid_domain": float(fid.compute()["fid_domain"]), "duq_certainty_cf_mean": float(cert.compute()["duq_certainty_cf_mean"]),
-                        "ota_oracle": float(ota), "loc": localisation(args, q, cf)})
+            row.update(
+                {
+                    "l1_mean": float(delta.abs().sum(1).mean()),
+                    "l2_mean": float(delta.norm(dim=1).mean()),
+                    "fid_domain": float(fid.compute()["fid_domain"]),
+                    "duq_certainty_cf_mean": float(cert.compute()["duq_certainty_cf_mean"]),
+                    "ota_oracle": float(ota),
+                    "loc": localisation(args, q, cf),
+                }
+            )
         rows.append(row)
     return int(valid.sum()), rows
 
@@ -212,15 +232,30 @@ def main() -> None:
     runs, names, seconds, psnr = [], [], {}, {}
     for name in links:
         run = out / "explain" / name.replace("+", "_")
-        switches = {"feature_weight": args.feature_weight, "feature_distance": args.feature_distance,
-                    "mc_weight": args.mc_weight, **CHAIN[name]}
+        switches = {
+            "feature_weight": args.feature_weight,
+            "feature_distance": args.feature_distance,
+            "mc_weight": args.mc_weight,
+            **CHAIN[name],
+        }
         lit_cf(
-            "explain", *data_args(args), f"--config={C / 'explain/disc.yaml'}", "--trainer.logger=false",
-            f"--trainer.accelerator={args.accelerator}", f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
-            f"--classifier={ckpt['classifier']}", f"--output_dir={run}", f"--num_queries={args.queries}",
-            f"--chunk_size={args.chunk_size}", f"--seed={args.seed}", f"--model.init_args.duq={ckpt['duq']}",
-            f"--model.init_args.steps={args.steps}", f"--model.init_args.fit_steps={args.fit_steps}",
-            f"--model.init_args.dip_channels={args.dip_channels}", f"--model.init_args.fit_psnr={args.fit_psnr}",
+            "explain",
+            *data_args(args),
+            f"--config={C / 'explain/disc.yaml'}",
+            "--trainer.logger=false",
+            f"--trainer.accelerator={args.accelerator}",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.enable_progress_bar=false",
+            f"--classifier={ckpt['classifier']}",
+            f"--output_dir={run}",
+            f"--num_queries={args.queries}",
+            f"--chunk_size={args.chunk_size}",
+            f"--seed={args.seed}",
+            f"--model.init_args.duq={ckpt['duq']}",
+            f"--model.init_args.steps={args.steps}",
+            f"--model.init_args.fit_steps={args.fit_steps}",
+            f"--model.init_args.dip_channels={args.dip_channels}",
+            f"--model.init_args.fit_psnr={args.fit_psnr}",
             *[f"--model.init_args.{k}={v}" for k, v in switches.items()],
         )
         rows = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
@@ -229,35 +264,65 @@ def main() -> None:
         runs.append(str(run))
         names.append(name)
     lit_cf(
-        "evaluate", *data_args(args), "--trainer.logger=false", f"--trainer.accelerator={args.accelerator}",
-        f"--runs=[{','.join(runs)}]", f"--names=[{','.join(names)}]", f"--output_dir={out / 'evaluate'}",
-        f"--oracles={{oracle: {ckpt['oracle']}}}", f"--feature_network={ckpt['oracle']}", f"--duq={ckpt['duq']}",
+        "evaluate",
+        *data_args(args),
+        "--trainer.logger=false",
+        f"--trainer.accelerator={args.accelerator}",
+        f"--runs=[{','.join(runs)}]",
+        f"--names=[{','.join(names)}]",
+        f"--output_dir={out / 'evaluate'}",
+        f"--oracles={{oracle: {ckpt['oracle']}}}",
+        f"--feature_network={ckpt['oracle']}",
+        f"--duq={ckpt['duq']}",
     )
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())["runs"]
     cols = ["flip_rate", "l1_mean", "l2_mean", "fid_domain", "duq_certainty_cf_mean", "ota_oracle"]
     table = []
     for name, run in zip(names, runs):
         o = metrics[name]["overall"]
-        table.append({"link": name, **{c: o.get(c, float("nan")) for c in cols}, "loc": run_localisation(args, Path(run)),
-                      "prior_psnr": psnr[name], "s_per_cf": seconds[name]})
+        table.append(
+            {
+                "link": name,
+                **{c: o.get(c, float("nan")) for c in cols},
+                "loc": run_localisation(args, Path(run)),
+                "prior_psnr": psnr[name],
+                "s_per_cf": seconds[name],
+            }
+        )
     header = ["link", "validity", "L1", "L2", "fid_domain", "DUQ cert", "OTA", "loc", "PSNR", "s/cf"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table:
-        vals = [r["flip_rate"], r["l1_mean"], r["l2_mean"], r["fid_domain"], r["duq_certainty_cf_mean"], r["ota_oracle"],
-                r["loc"], r["prior_psnr"], r["s_per_cf"]]
+        vals = [
+            r["flip_rate"],
+            r["l1_mean"],
+            r["l2_mean"],
+            r["fid_domain"],
+            r["duq_certainty_cf_mean"],
+            r["ota_oracle"],
+            r["loc"],
+            r["prior_psnr"],
+            r["s_per_cf"],
+        ]
         lines.append(f"| {r['link']} | " + " | ".join(f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}" for v in vals) + " |")
     n_matched, matched = matched_table(args, ckpt, names, runs)
     header = ["link", "n", "L1", "L2", "fid_domain", "DUQ cert", "OTA", "loc"]
     mlines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in matched:
-        vals = [r.get(k, float("nan")) for k in ("l1_mean", "l2_mean", "fid_domain", "duq_certainty_cf_mean", "ota_oracle", "loc")]
-        mlines.append(f"| {r['link']} | {r['n']} | " + " | ".join(f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}" for v in vals) + " |")
+        vals = [
+            r.get(k, float("nan")) for k in ("l1_mean", "l2_mean", "fid_domain", "duq_certainty_cf_mean", "ota_oracle", "loc")
+        ]
+        mlines.append(
+            f"| {r['link']} | {r['n']} | " + " | ".join(f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}" for v in vals) + " |"
+        )
     md = "\n".join(lines) + f"\n\nmatched: the {n_matched} queries valid for every link\n" + "\n".join(mlines)
-    (out / "ablation.json").write_text(json.dumps(
-        {"args": vars(args), "table": table, "matched": matched, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    (out / "ablation.json").write_text(
+        json.dumps({"args": vars(args), "table": table, "matched": matched, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2)
+    )
     (out / "ablation.md").write_text(md + "\n")
-    print(f"\nDISC ablation ({args.data}{', ' + args.attribute if args.data == 'celeba' else ''}; "
-          f"{args.queries} queries, target most_likely_other)\n{md}\nreport: {out / 'evaluate' / 'report.html'}")
+    print(
+        f"\nDISC ablation ({args.data}{', ' + args.attribute if args.data == 'celeba' else ''}; "
+        f"{args.queries} queries, target most_likely_other)\n{md}\nreport: {out / 'evaluate' / 'report.html'}"
+    )
 
 
 if __name__ == "__main__":

@@ -72,9 +72,16 @@ def main() -> None:
         folder = out / "models" / name
         limit = [f"--data.init_args.limit={args.train_limit}"] if args.train_limit else []
         lit_cf(
-            "fit", *data, f"--config={C / cfg}", *common, *limit, f"--seed_everything={seed}",
-            f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={folder}",
-            "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder}",
+            "fit",
+            *data,
+            f"--config={C / cfg}",
+            *common,
+            *limit,
+            f"--seed_everything={seed}",
+            f"--trainer.max_epochs={epochs}",
+            f"--trainer.default_root_dir={folder}",
+            "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={folder}",
             "--trainer.callbacks.filename=last",
         )
         ckpt[name] = folder / "last.ckpt"
@@ -86,18 +93,33 @@ def main() -> None:
             # LatentAttack optimises the autoencoder's latent code (the paper's MNIST setting: lr 0.1, tau 0.75)
             generator = [f"--model.init_args.generator={ckpt['autoencoder']}"] if method == "latent_attack" else []
             lit_cf(
-                "explain", *data, f"--config={C / f'explain/{method}.yaml'}", *generator, "--trainer.logger=false",
-                f"--trainer.accelerator={args.accelerator}", f"--trainer.default_root_dir={out}",
-                f"--classifier={ckpt[clf]}", f"--output_dir={run}", f"--num_queries={args.queries}",
-                f"--model.init_args.steps={args.steps}", "--chunk_size=256",
+                "explain",
+                *data,
+                f"--config={C / f'explain/{method}.yaml'}",
+                *generator,
+                "--trainer.logger=false",
+                f"--trainer.accelerator={args.accelerator}",
+                f"--trainer.default_root_dir={out}",
+                f"--classifier={ckpt[clf]}",
+                f"--output_dir={run}",
+                f"--num_queries={args.queries}",
+                f"--model.init_args.steps={args.steps}",
+                "--chunk_size=256",
             )
             runs.append(str(run))
             names.append(f"{clf}/{method}")
     oracles = "{" + ", ".join(f"{k}: {ckpt[k]}" for k in ("oracle_cnn", "oracle_wide", "oracle_robust")) + "}"
     lit_cf(
-        "evaluate", *data, "--trainer.logger=false", f"--trainer.accelerator={args.accelerator}",
-        f"--runs=[{','.join(runs)}]", f"--names=[{','.join(names)}]", f"--output_dir={out / 'evaluate'}",
-        f"--oracles={oracles}", f"--feature_network={ckpt['oracle_wide']}", f"--duq={ckpt['duq']}",
+        "evaluate",
+        *data,
+        "--trainer.logger=false",
+        f"--trainer.accelerator={args.accelerator}",
+        f"--runs=[{','.join(runs)}]",
+        f"--names=[{','.join(names)}]",
+        f"--output_dir={out / 'evaluate'}",
+        f"--oracles={oracles}",
+        f"--feature_network={ckpt['oracle_wide']}",
+        f"--duq={ckpt['duq']}",
     )
     print(f"\nbattery: report {out / 'evaluate' / 'report.html'}")
 

@@ -69,11 +69,20 @@ def fit(workdir: Path, model_config: str, *extra: str) -> Path:
 
 def make_models(workdir: Path, ddpm: str | None, classifier: str | None) -> tuple[str, str]:
     if classifier is None:
-        classifier = str(fit(workdir / "cnn", "configs/model/cnn.yaml", "--data.init_args.train_size=2000",
-                             "--trainer.max_epochs=1"))
+        classifier = str(
+            fit(workdir / "cnn", "configs/model/cnn.yaml", "--data.init_args.train_size=2000", "--trainer.max_epochs=1")
+        )
     if ddpm is None:  # untrained: cost does not depend on the weights
-        ddpm = str(fit(workdir / "ddpm", "configs/model/ddpm_mnist.yaml", "--data.init_args.train_size=64",
-                       "--data.init_args.batch_size=32", "--trainer.max_steps=2", "--trainer.limit_val_batches=0"))
+        ddpm = str(
+            fit(
+                workdir / "ddpm",
+                "configs/model/ddpm_mnist.yaml",
+                "--data.init_args.train_size=64",
+                "--data.init_args.batch_size=32",
+                "--trainer.max_steps=2",
+                "--trainer.limit_val_batches=0",
+            )
+        )
     return ddpm, classifier
 
 
@@ -110,7 +119,6 @@ def build(name: str, ddpm: str, classifier: ImageClassifier, device: torch.devic
     return method.to(device).eval()
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -142,16 +150,27 @@ def main() -> None:
         ddpm, ckpt = make_models(Path(tmp), args.ddpm, args.classifier)
         classifier = load_module(ckpt, ImageClassifier).to(device).eval()
         batch = records(classifier, args.batch, device)
-        print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch} records with "
-              f"{len(set(batch['target'].tolist()))} distinct targets, DDPM {ddpm}")
+        print(
+            f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch} records with "
+            f"{len(set(batch['target'].tolist()))} distinct targets, DDPM {ddpm}"
+        )
         rows = []
         for precision in precisions:
             for name in methods:
                 method = build(name, ddpm, classifier, device, **settings[name])
                 seconds, out = timed(method, batch, device, precision)
                 extra = {k: float(out[k].float().mean()) for k in ("attempt", "steps") if k in out}
-                rows.append(dict(method=name, mode="batched", precision=precision, n=args.batch,
-                                s_per_cf=seconds / args.batch, cf_per_s=args.batch / seconds, **extra))
+                rows.append(
+                    dict(
+                        method=name,
+                        mode="batched",
+                        precision=precision,
+                        n=args.batch,
+                        s_per_cf=seconds / args.batch,
+                        cf_per_s=args.batch / seconds,
+                        **extra,
+                    )
+                )
                 print(rows[-1], flush=True)
                 single_s, diffs = 0.0, []
                 sub = {k: float(out[k][: args.single].float().mean()) for k in ("attempt", "steps") if k in out}
@@ -159,31 +178,64 @@ def main() -> None:
                     s, o = timed(method, subset(batch, slice(i, i + 1)), device, precision)
                     single_s += s
                     diffs.append(float((o["counterfactual"][0] - out["counterfactual"][i]).abs().max()))
-                rows.append(dict(method=name, mode="one_at_a_time", precision=precision, n=args.single,
-                                s_per_cf=single_s / args.single, cf_per_s=args.single / single_s,
-                                max_abs_diff_to_batched=max(diffs), **sub))
+                rows.append(
+                    dict(
+                        method=name,
+                        mode="one_at_a_time",
+                        precision=precision,
+                        n=args.single,
+                        s_per_cf=single_s / args.single,
+                        cf_per_s=args.single / single_s,
+                        max_abs_diff_to_batched=max(diffs),
+                        **sub,
+                    )
+                )
                 print(rows[-1], flush=True)
             if "fastdime" in methods and args.chain_images:
                 chunk = subset(batch, slice(0, args.chain_images))
                 costs = {}
                 for estimate in ("x0", "chain"):
-                    method = build("fastdime", ddpm, classifier, device, num_steps=args.fastdime_steps,
-                                   clean_estimate=estimate, class_scales=[8.0])
+                    method = build(
+                        "fastdime",
+                        ddpm,
+                        classifier,
+                        device,
+                        num_steps=args.fastdime_steps,
+                        clean_estimate=estimate,
+                        class_scales=[8.0],
+                    )
                     seconds, out = timed(method, chunk, device, precision)
                     costs[estimate] = (seconds, float(out["denoiser_calls"].float().mean()))
-                    rows.append(dict(method=f"fastdime[{estimate}]", mode="one attempt", precision=precision,
-                                    n=args.chain_images, s_per_cf=seconds / args.chain_images,
-                                    cf_per_s=args.chain_images / seconds, denoiser_calls_per_cf=costs[estimate][1]))
+                    rows.append(
+                        dict(
+                            method=f"fastdime[{estimate}]",
+                            mode="one attempt",
+                            precision=precision,
+                            n=args.chain_images,
+                            s_per_cf=seconds / args.chain_images,
+                            cf_per_s=args.chain_images / seconds,
+                            denoiser_calls_per_cf=costs[estimate][1],
+                        )
+                    )
                     print(rows[-1], flush=True)
-                rows.append(dict(method="chain / x0", mode="ratio", precision=precision,
-                                seconds_ratio=costs["chain"][0] / costs["x0"][0],
-                                denoiser_calls_ratio=costs["chain"][1] / costs["x0"][1]))
+                rows.append(
+                    dict(
+                        method="chain / x0",
+                        mode="ratio",
+                        precision=precision,
+                        seconds_ratio=costs["chain"][0] / costs["x0"][0],
+                        denoiser_calls_ratio=costs["chain"][1] / costs["x0"][1],
+                    )
+                )
                 print(rows[-1], flush=True)
     print()
     print(f"{'method':<18}{'mode':<15}{'precision':<11}{'n':>5}{'s/cf':>10}{'cf/s':>10}  other")
     for r in rows:
-        other = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()
-                 if k not in ("method", "mode", "precision", "n", "s_per_cf", "cf_per_s")}
+        other = {
+            k: float(f"{v:.4g}") if isinstance(v, float) else v
+            for k, v in r.items()
+            if k not in ("method", "mode", "precision", "n", "s_per_cf", "cf_per_s")
+        }
         s = f"{r['s_per_cf']:.4f}" if "s_per_cf" in r else "-"
         c = f"{r['cf_per_s']:.2f}" if "cf_per_s" in r else "-"
         print(f"{r['method']:<18}{r['mode']:<15}{r['precision']:<11}{r.get('n', ''):>5}{s:>10}{c:>10}  {other}")

@@ -69,12 +69,17 @@ def engine_run(ckpt: Path, out: Path, n: int, steps: int, chunk: int, accelerato
     dm = RenderedDigitsDataModule(test_size=max(n, 10), train_size=10, val_size=10)
     method = PixelCounterfactual(steps=steps, lr=LR, l2_weight=L2, stop_probability=None, log_every=0)
     trainer = LitCFTrainer(
-        accelerator=accelerator, devices=1, precision=precision, logger=False, enable_progress_bar=False,
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    run_explain(trainer, method, dm, classifier=str(ckpt), output_dir=str(out), num_queries=n, chunk_size=chunk,
-                num_grid_images=0)
+    run_explain(
+        trainer, method, dm, classifier=str(ckpt), output_dir=str(out), num_queries=n, chunk_size=chunk, num_grid_images=0
+    )
     return time.perf_counter() - start
 
 
@@ -84,8 +89,9 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def hand_batched(model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor, steps: int, chunk: int,
-                 precision: str = "32-true") -> float:
+def hand_batched(
+    model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor, steps: int, chunk: int, precision: str = "32-true"
+) -> float:
     device = images.device
     start = time.perf_counter()
     for s in range(0, len(images), chunk):
@@ -106,8 +112,9 @@ def hand_batched(model: ImageClassifier, images: torch.Tensor, targets: torch.Te
     return time.perf_counter() - start
 
 
-def per_image(model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor, steps: int,
-              precision: str = "32-true") -> float:
+def per_image(
+    model: ImageClassifier, images: torch.Tensor, targets: torch.Tensor, steps: int, precision: str = "32-true"
+) -> float:
     return hand_batched(model, images, targets, steps, chunk=1, precision=precision)
 
 
@@ -182,12 +189,16 @@ def main() -> None:
             for n in (1000, 10000):
                 res = subprocess.run(
                     [sys.executable, __file__, "--rss-child", str(n), "--ckpt", str(ckpt), "--chunk", str(args.chunk)],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 rss[n] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
-    print(f"\nbench_explain: PixelCounterfactual, {args.images} images x {args.steps} steps, chunk {args.chunk}, "
-          f"device {device} ({args.precision}), torch threads {torch.get_num_threads()}")
+    print(
+        f"\nbench_explain: PixelCounterfactual, {args.images} images x {args.steps} steps, chunk {args.chunk}, "
+        f"device {device} ({args.precision}), torch threads {torch.get_num_threads()}"
+    )
     rows = [
         ("engine (lit-cf explain)", engine_s),
         ("hand-written batched loop", hand_s),
@@ -201,21 +212,33 @@ def main() -> None:
     print(f"{'batched engine speed-up over per-image loop':<60}{per_image_s / engine_s:>9.1f}x{'>= 4x CPU':>12}")
     print(f"{'engine time / hand-written batched loop':<60}{engine_s / hand_s:>9.2f}x{'<= 1.10x':>12}")
     print(f"{'achieved FLOP/s (engine) / measured matmul FLOP/s':<60}{flops / engine_s / peak:>10.3f}{'report':>12}")
-    print(f"  ({flops / engine_s / 1e9:.1f} GFLOP/s achieved; matmul {peak / 1e9:.1f} GFLOP/s; "
-          f"{flops / args.images / args.steps / 1e6:.2f} MFLOP per image-step)")
+    print(
+        f"  ({flops / engine_s / 1e9:.1f} GFLOP/s achieved; matmul {peak / 1e9:.1f} GFLOP/s; "
+        f"{flops / args.images / args.steps / 1e6:.2f} MFLOP per image-step)"
+    )
     if rss:
         print(f"{'peak RSS 10k / 1k images':<60}{rss[10000] / rss[1000]:>9.2f}x{'<= 1.2x':>12}")
         print(f"  (1k: {rss[1000]:.0f} MiB, 10k: {rss[10000]:.0f} MiB)")
     if args.json:
         figures = {
-            "images": args.images, "steps": args.steps, "chunk": args.chunk, "device": str(device),
+            "images": args.images,
+            "steps": args.steps,
+            "chunk": args.chunk,
+            "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": args.precision, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "precision": args.precision,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "seconds": {"engine": engine_s, "hand_batched": hand_s, "per_image_scaled": per_image_s},
-            "cf_per_second": {"engine": args.images / engine_s, "hand_batched": args.images / hand_s,
-                              "per_image": args.images / per_image_s},
-            "batched_over_per_image": per_image_s / engine_s, "engine_over_hand": engine_s / hand_s,
-            "achieved_over_matmul_flops": flops / engine_s / peak, "per_image_subset": k,
+            "cf_per_second": {
+                "engine": args.images / engine_s,
+                "hand_batched": args.images / hand_s,
+                "per_image": args.images / per_image_s,
+            },
+            "batched_over_per_image": per_image_s / engine_s,
+            "engine_over_hand": engine_s / hand_s,
+            "achieved_over_matmul_flops": flops / engine_s / peak,
+            "per_image_subset": k,
             "peak_rss_mib": rss or None,
         }
         Path(args.json).write_text(json.dumps(figures, indent=1))

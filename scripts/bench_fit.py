@@ -67,8 +67,7 @@ def make_models() -> dict[str, L.LightningModule]:
         "duq_reuse_features": paper_duq(centroid_features="reuse"),
         "duq_channels_last": paper_duq().to(memory_format=torch.channels_last),
         "cnn_padded": Classifier(ConvNet(**padded), 10, optimizer=sgd),
-        "duq_padded": DUQClassifier(ConvNet(**padded), 10, embedding_size=256, length_scale=0.1, gp_weight=0.05,
-                                    optimizer=sgd),
+        "duq_padded": DUQClassifier(ConvNet(**padded), 10, embedding_size=256, length_scale=0.1, gp_weight=0.05, optimizer=sgd),
         "small_cnn": Classifier(ConvNet(1, (32, 64), 128), 10, optimizer=sgd),
     }
 
@@ -136,8 +135,14 @@ def main() -> None:
     for name, model in models.items():
         data[name] = torch.utils.data.DataLoader(channels_last if name.endswith("channels_last") else batches, batch_size=None)
         trainers[name] = L.Trainer(
-            accelerator=args.accelerator, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            accelerator=args.accelerator,
+            devices=1,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
         )
         trainers[name].fit(model, train_dataloaders=data[name])  # warm-up epoch
     device = trainers["duq"].strategy.root_device
@@ -154,18 +159,26 @@ def main() -> None:
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     base = med["cnn_same_backbone"]
-    print(f"\nbench_fit: {args.data}, {len(batches)} batches of up to 128 per epoch, device {device}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.epochs} epochs")
+    print(
+        f"\nbench_fit: {args.data}, {len(batches)} batches of up to 128 per epoch, device {device}, "
+        f"torch threads {torch.get_num_threads()}, median of {args.epochs} epochs"
+    )
     print(f"{'model':<22}{'s/epoch':>10}{'ratio vs cnn_same_backbone':>30}")
     for name in models:
         print(f"{name:<22}{med[name]:>10.2f}{med[name] / base:>30.2f}x")
     ratio = med["duq"] / base
     print(f"\nDUQ / plain CNN (reference network, reference centroid update): {ratio:.2f}x (goal <= 2.5x)")
     figures: dict[str, Any] = {
-        "data": args.data, "batches_per_epoch": len(batches), "device": str(device),
+        "data": args.data,
+        "batches_per_epoch": len(batches),
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "timed_epochs": args.epochs,
-        "seconds_per_epoch": med, "epoch_times": times, "duq_over_cnn": ratio,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timed_epochs": args.epochs,
+        "seconds_per_epoch": med,
+        "epoch_times": times,
+        "duq_over_cnn": ratio,
     }
     if "duq_padded" in med and "cnn_padded" in med:
         figures["duq_over_cnn_padded_before"] = med["duq_padded"] / med["cnn_padded"]

@@ -61,8 +61,17 @@ def main() -> None:
         args.samples.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, args.samples)
     if args.out is not None:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "num_images": n,
-                                        "scores": {str(k): v for k, v in scores.items()}, "seconds": seconds}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "num_images": n,
+                    "scores": {str(k): v for k, v in scores.items()},
+                    "seconds": seconds,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

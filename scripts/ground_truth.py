@@ -115,7 +115,6 @@ from typing import Any
 
 from script_env import ENV, prepare_out, set_threads  # scripts/ is on sys.path when a script runs
 
-
 ROOT = Path(__file__).resolve().parents[1]
 C = ROOT / "configs"
 KNOWN_METHODS = ("pixel", "latent_attack", "disc")
@@ -256,7 +255,9 @@ def mark_path(ae: Any, latent_pred: Any, shortcut: Path, test_size: int, n: int 
     out: dict[str, Any] = {
         "code_norm": float(z0.flatten(1).norm(dim=1).mean()),
         "stamp_distance": float((ae.encode(stamped) - z0).flatten(1).norm(dim=1).mean()),
-        "alpha": [], "corner": [], "p7": [],
+        "alpha": [],
+        "corner": [],
+        "p7": [],
     }
     for frac in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5):
         alpha = frac * out["code_norm"]
@@ -375,12 +376,20 @@ def main() -> int:
     parser.add_argument("--regressor-epochs", type=int, default=None, help="epochs of the factor regressor (default: --epochs)")
     parser.add_argument("--num-queries", type=int, default=200, help="non-7 test digits explained per method and classifier")
     parser.add_argument(
-        "--methods", nargs="+", default=list(DEFAULT_METHODS),
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
         help=f"methods among {list(KNOWN_METHODS)}",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every model and explain run")
-    parser.add_argument("--shortcut-class", type=int, default=7, choices=range(10), metavar="0..9",
-                        help="class that carries the mark in the shortcut training data, and the explanation target")
+    parser.add_argument(
+        "--shortcut-class",
+        type=int,
+        default=7,
+        choices=range(10),
+        metavar="0..9",
+        help="class that carries the mark in the shortcut training data, and the explanation target",
+    )
     parser.add_argument("--aux-mark-rate", type=float, default=0.5, help="mark rate of the regressor's and autoencoder's data")
     parser.add_argument("--pixel-steps", type=int, default=300)
     parser.add_argument("--pixel-lr", type=float, default=0.01)
@@ -389,26 +398,54 @@ def main() -> int:
     parser.add_argument("--latent-steps", type=int, default=1000, help="LatentAttack steps (paper, MNIST: 1,000)")
     parser.add_argument("--latent-lr", type=float, default=0.1, help="LatentAttack Adam lr (paper, MNIST: 0.1)")
     parser.add_argument("--latent-threshold", type=float, default=0.75, help="LatentAttack threshold tau (paper: 0.75)")
-    parser.add_argument("--latent-loss", choices=["prob", "log_prob"], default="log_prob",
-                        help="LatentAttack loss: -log p (default here: no vanishing gradient on these confident "
-                             "classifiers), or the paper's -p (the method's default)")
-    parser.add_argument("--latent-pixel-weight", type=float, default=1.5,
-                        help="LatentAttack's pixel proximity weight ||x' - x_ref||^2 (0: off, as in the paper)")
-    parser.add_argument("--latent-original", choices=["query", "reconstruction"], default="reconstruction",
-                        help="LatentAttack's original_prediction (and x_ref of the pixel term); the paper: reconstruction")
-    parser.add_argument("--latent-source", choices=list(LATENT_SOURCES), default="recon",
-                        help="the attribution LatentAttack's verdict reads (all three are printed)")
-    parser.add_argument("--disc-source", choices=["recon", "image"], default="recon",
-                        help="the attribution DISC's verdict reads: the edit from its fitted prior's image, or from the query")
-    parser.add_argument("--generator", choices=["autoencoder", "vae"], default="autoencoder",
-                        help="LatentAttack's generator: configs/model/autoencoder.yaml (64-d) or configs/model/vae.yaml (16-d)")
-    parser.add_argument("--ae-output", default=None,
-                        help="the autoencoder's output activation, sigmoid | identity (default identity; sigmoid saturates on the empty "
-                             "corner, see lit_cf.models.AutoEncoder); the VAE is always sigmoid")
     parser.add_argument(
-        "--disc-args", default="",
+        "--latent-loss",
+        choices=["prob", "log_prob"],
+        default="log_prob",
+        help="LatentAttack loss: -log p (default here: no vanishing gradient on these confident "
+        "classifiers), or the paper's -p (the method's default)",
+    )
+    parser.add_argument(
+        "--latent-pixel-weight",
+        type=float,
+        default=1.5,
+        help="LatentAttack's pixel proximity weight ||x' - x_ref||^2 (0: off, as in the paper)",
+    )
+    parser.add_argument(
+        "--latent-original",
+        choices=["query", "reconstruction"],
+        default="reconstruction",
+        help="LatentAttack's original_prediction (and x_ref of the pixel term); the paper: reconstruction",
+    )
+    parser.add_argument(
+        "--latent-source",
+        choices=list(LATENT_SOURCES),
+        default="recon",
+        help="the attribution LatentAttack's verdict reads (all three are printed)",
+    )
+    parser.add_argument(
+        "--disc-source",
+        choices=["recon", "image"],
+        default="recon",
+        help="the attribution DISC's verdict reads: the edit from its fitted prior's image, or from the query",
+    )
+    parser.add_argument(
+        "--generator",
+        choices=["autoencoder", "vae"],
+        default="autoencoder",
+        help="LatentAttack's generator: configs/model/autoencoder.yaml (64-d) or configs/model/vae.yaml (16-d)",
+    )
+    parser.add_argument(
+        "--ae-output",
+        default=None,
+        help="the autoencoder's output activation, sigmoid | identity (default identity; sigmoid saturates on the empty "
+        "corner, see lit_cf.models.AutoEncoder); the VAE is always sigmoid",
+    )
+    parser.add_argument(
+        "--disc-args",
+        default="",
         help="extra explain options for disc, added after the script's (duq null, mc_weight 0, prior inr, "
-             "steps 50, fit_steps 200, l2_weight 5), e.g. '--model.init_args.prior=dip'",
+        "steps 50, fit_steps 200, l2_weight 5), e.g. '--model.init_args.prior=dip'",
     )
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the intervals")
     parser.add_argument("--accelerator", default="auto")
@@ -432,7 +469,9 @@ def main() -> int:
     if args.ae_output is None:
         args.ae_output = "identity" if args.generator == "autoencoder" else "sigmoid"
     if args.generator == "vae" and args.ae_output != "sigmoid":
-        parser.error(f"--ae-output {args.ae_output} needs --generator autoencoder (the VAE's Bernoulli likelihood needs a sigmoid)")
+        parser.error(
+            f"--ae-output {args.ae_output} needs --generator autoencoder (the VAE's Bernoulli likelihood needs a sigmoid)"
+        )
     # imported after the cheap checks: importing lit-cf takes seconds, a usage error should not
     from lit_cf.models.autoencoder import OUTPUT_ACTIVATIONS
 
@@ -447,11 +486,18 @@ def main() -> int:
 
     # ------------------------------------------------------------------ train
     common = [
-        "--trainer.logger=false", f"--trainer.accelerator={args.accelerator}", "--sample_grid.num_samples=0",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--seed_everything={args.seed}",
+        "--trainer.logger=false",
+        f"--trainer.accelerator={args.accelerator}",
+        "--sample_grid.num_samples=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--seed_everything={args.seed}",
     ]
-    sizes = [f"--data.init_args.train_size={args.train_size}", f"--data.init_args.test_size={args.test_size}",
-             f"--data.init_args.val_size={min(2000, max(100, args.train_size // 10))}"]
+    sizes = [
+        f"--data.init_args.train_size={args.train_size}",
+        f"--data.init_args.test_size={args.test_size}",
+        f"--data.init_args.val_size={min(2000, max(100, args.train_size // 10))}",
+    ]
     aux = [f"--data.init_args.mark_rate={args.aux_mark_rate}"]
     models = {
         "shortcut": ("data/rendered_shortcut.yaml", "model/cnn.yaml", args.epochs, [f"--data.init_args.shortcut_class={TARGET}"]),
@@ -461,16 +507,27 @@ def main() -> int:
     if "latent_attack" in methods:
         # the generator is stored as "autoencoder" whichever model it is (a VAE encodes to its posterior mean)
         gen_extra = [f"--model.init_args.output_activation={args.ae_output}"] if args.generator == "autoencoder" else []
-        models["autoencoder"] = ("data/rendered.yaml", f"model/{args.generator}.yaml", args.ae_epochs or args.epochs,
-                                 aux + gen_extra)
+        models["autoencoder"] = (
+            "data/rendered.yaml",
+            f"model/{args.generator}.yaml",
+            args.ae_epochs or args.epochs,
+            aux + gen_extra,
+        )
     ckpt: dict[str, Path] = {}
     for name, (data_cfg, cfg, epochs, extra) in models.items():
         t0 = time.time()
         folder = out / "models" / name
         lit_cf(
-            "fit", f"--config={C / data_cfg}", f"--config={C / cfg}", *common, *sizes, *extra,
-            f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={folder}",
-            "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder}",
+            "fit",
+            f"--config={C / data_cfg}",
+            f"--config={C / cfg}",
+            *common,
+            *sizes,
+            *extra,
+            f"--trainer.max_epochs={epochs}",
+            f"--trainer.default_root_dir={folder}",
+            "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={folder}",
             "--trainer.callbacks.filename=last",
         )
         ckpt[name] = folder / "last.ckpt"
@@ -504,20 +561,29 @@ def main() -> int:
     indices = non_target_indices(args.test_size, args.num_queries)
     method_args = {
         "pixel": [
-            f"--model.init_args.steps={args.pixel_steps}", f"--model.init_args.lr={args.pixel_lr}",
-            f"--model.init_args.l1_weight={args.pixel_l1}", f"--model.init_args.stop_probability={args.pixel_stop}",
+            f"--model.init_args.steps={args.pixel_steps}",
+            f"--model.init_args.lr={args.pixel_lr}",
+            f"--model.init_args.l1_weight={args.pixel_l1}",
+            f"--model.init_args.stop_probability={args.pixel_stop}",
         ],
         "latent_attack": [
-            f"--model.init_args.generator={ckpt.get('autoencoder')}", f"--model.init_args.steps={args.latent_steps}",
-            f"--model.init_args.lr={args.latent_lr}", f"--model.init_args.threshold={args.latent_threshold}",
-            f"--model.init_args.loss={args.latent_loss}", f"--model.init_args.pixel_weight={args.latent_pixel_weight}",
+            f"--model.init_args.generator={ckpt.get('autoencoder')}",
+            f"--model.init_args.steps={args.latent_steps}",
+            f"--model.init_args.lr={args.latent_lr}",
+            f"--model.init_args.threshold={args.latent_threshold}",
+            f"--model.init_args.loss={args.latent_loss}",
+            f"--model.init_args.pixel_weight={args.latent_pixel_weight}",
             f"--model.init_args.original_prediction={args.latent_original}",
         ],
         # our classifiers are plain CNNs: DISC's manifold-consistency term (a DUQ model) is off
         # unless --disc-args switches it on (later options override earlier ones); see the docstring
         "disc": [
-            "--model.init_args.duq=null", "--model.init_args.mc_weight=0", "--model.init_args.prior=inr",
-            "--model.init_args.steps=50", "--model.init_args.fit_steps=200", "--model.init_args.l2_weight=5",
+            "--model.init_args.duq=null",
+            "--model.init_args.mc_weight=0",
+            "--model.init_args.prior=inr",
+            "--model.init_args.steps=50",
+            "--model.init_args.fit_steps=200",
+            "--model.init_args.l2_weight=5",
             *shlex.split(args.disc_args),
         ],
     }
@@ -527,12 +593,23 @@ def main() -> int:
             t0 = time.time()
             run = out / "explain" / f"{clf}-{method}"
             lit_cf(
-                "explain", f"--config={C / 'data/rendered.yaml'}", f"--data.init_args.test_size={args.test_size}",
-                f"--config={C / f'explain/{method}.yaml'}", *method_args[method],
-                "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.accelerator={args.accelerator}",
-                f"--trainer.default_root_dir={out}", f"--classifier={ckpt[clf]}", f"--output_dir={run}",
-                "--indices=[" + ",".join(map(str, indices)) + "]", f"--target={TARGET}",
-                "--on_source_equals_target=skip", "--chunk_size=256", f"--seed={args.seed}", "--overwrite=true",
+                "explain",
+                f"--config={C / 'data/rendered.yaml'}",
+                f"--data.init_args.test_size={args.test_size}",
+                f"--config={C / f'explain/{method}.yaml'}",
+                *method_args[method],
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.accelerator={args.accelerator}",
+                f"--trainer.default_root_dir={out}",
+                f"--classifier={ckpt[clf]}",
+                f"--output_dir={run}",
+                "--indices=[" + ",".join(map(str, indices)) + "]",
+                f"--target={TARGET}",
+                "--on_source_equals_target=skip",
+                "--chunk_size=256",
+                f"--seed={args.seed}",
+                "--overwrite=true",
             )
             runs.setdefault(method, {})[clf] = run
             timings[f"explain_{clf}_{method}_s"] = round(time.time() - t0, 1)
@@ -566,18 +643,28 @@ def main() -> int:
     print(f"\nclassifiers (accuracy on the clean / shortcut test split; stamping the mark on non-{TARGET} digits):")
     for c in CLASSIFIERS:
         d = diagnostics[c]
-        print(f"  {c:9s} acc {d['accuracy_test']:.3f} / {d['accuracy_test_shortcut']:.3f}   "
-              f"mark -> predicted {TARGET}: {d['mark_makes_7_rate']:.1%}   p({TARGET}) {d['p7_without_mark']:.3f} -> {d['p7_with_mark']:.3f}")
-    print("factor regressor (held-out R^2; mark: accuracy): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in diagnostics["regressor_quality"].items()))
+        print(
+            f"  {c:9s} acc {d['accuracy_test']:.3f} / {d['accuracy_test_shortcut']:.3f}   "
+            f"mark -> predicted {TARGET}: {d['mark_makes_7_rate']:.1%}   p({TARGET}) {d['p7_without_mark']:.3f} -> {d['p7_with_mark']:.3f}"
+        )
+    print(
+        "factor regressor (held-out R^2; mark: accuracy): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in diagnostics["regressor_quality"].items())
+    )
     if "latent_predictor_quality" in diagnostics:
-        print("latent predictors (held-out R^2; mark: accuracy): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in diagnostics["latent_predictor_quality"].items()))
-        print(f"autoencoder reconstruction MSE {diagnostics['autoencoder']['recon_mse']:.4f} "
-              f"(mark corner {diagnostics['autoencoder']['recon_mse_mark_corner']:.4f})")
+        print(
+            "latent predictors (held-out R^2; mark: accuracy): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in diagnostics["latent_predictor_quality"].items())
+        )
+        print(
+            f"autoencoder reconstruction MSE {diagnostics['autoencoder']['recon_mse']:.4f} "
+            f"(mark corner {diagnostics['autoencoder']['recon_mse_mark_corner']:.4f})"
+        )
         mp = diagnostics["mark_path"]
-        print(f"generator's mark path (|z0| {mp['code_norm']:.1f}; stamping the mark moves the code by "
-              f"{mp['stamp_distance']:.1f}): alpha along the latent mark direction -> corner brightness, shortcut p({TARGET})")
+        print(
+            f"generator's mark path (|z0| {mp['code_norm']:.1f}; stamping the mark moves the code by "
+            f"{mp['stamp_distance']:.1f}): alpha along the latent mark direction -> corner brightness, shortcut p({TARGET})"
+        )
         print("  " + " | ".join(f"{a:.1f}: {c:.2f}, {p:.3f}" for a, c, p in zip(mp["alpha"], mp["corner"], mp["p7"])))
     print(f"\nglobal ranking towards {TARGET} (mean P_j(cf) - P_j(query) over successful counterfactuals, 95% CI), top 3:")
     header = f"{'method':14s} {'source':7s} {'classifier':10s} {'n':>4s} {'success':>7s} {'steps':>6s} {'mark rank':>9s} {'mark':>7s}  top 3"
@@ -590,14 +677,18 @@ def main() -> int:
                 if source not in r["rankings"]:
                     continue
                 rank, score = mark_rank(r["rankings"][source])
-                print(f"{method:14s} {source:7s} {clf:10s} {r['n']:4d} {r['success_rate']:7.1%} {r['steps_mean']:6.0f} "
-                      f"{rank if rank else '-':>9} {score if score is not None else math.nan:+7.3f}  {fmt_rank(r['rankings'][source])}")
+                print(
+                    f"{method:14s} {source:7s} {clf:10s} {r['n']:4d} {r['success_rate']:7.1%} {r['steps_mean']:6.0f} "
+                    f"{rank if rank else '-':>9} {score if score is not None else math.nan:+7.3f}  {fmt_rank(r['rankings'][source])}"
+                )
     for method, res in results.items():
         for clf in CLASSIFIERS:
             shift = res["classifiers"][clf]["reconstruction_shift"]
             if shift:
-                print(f"{method} {clf}: reconstruction shift R(start) - R(query), part of the image score: "
-                      + ", ".join(f"{n} {v:+.3f}" for n, v in shift.items()))
+                print(
+                    f"{method} {clf}: reconstruction shift R(start) - R(query), part of the image score: "
+                    + ", ".join(f"{n} {v:+.3f}" for n, v in shift.items())
+                )
     print()
     overall = True
     for method, res in results.items():
@@ -610,8 +701,11 @@ def main() -> int:
             tag = "PASS" if v["pass"] else "FAIL"
             note = "" if v["pass"] else f": {v['why']}"
             print(f"{tag} {method} ({source}{'' if primary else ', informative'}){note}")
-    print(f"\nground_truth: {'PASS' if overall else 'FAIL'} (verdict on each method's own attribution: "
-          + ", ".join(f"{m} {r['primary_source']}" for m, r in results.items()) + ")")
+    print(
+        f"\nground_truth: {'PASS' if overall else 'FAIL'} (verdict on each method's own attribution: "
+        + ", ".join(f"{m} {r['primary_source']}" for m, r in results.items())
+        + ")"
+    )
     timings["total_s"] = round(time.time() - t_start, 1)
     summary = {
         "settings": {**vars(args), "methods": methods, "out": str(out)},

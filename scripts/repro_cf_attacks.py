@@ -113,8 +113,10 @@ def check_mnist(root: Path) -> None:
             "writable root first: bash scripts/prepare_data.sh ../shared/data data  (then --root data)"
         )
     if any(not (raw / f).is_file() for f in MNIST_FILES) and not os.access(raw, os.W_OK):
-        fail(f"{raw} holds .gz files but is not writable (they are unpacked beside themselves): "
-             "copy it into a writable root with bash scripts/prepare_data.sh ../shared/data data")
+        fail(
+            f"{raw} holds .gz files but is not writable (they are unpacked beside themselves): "
+            "copy it into a writable root with bash scripts/prepare_data.sh ../shared/data data"
+        )
 
 
 def celeba_root(path: Path) -> Path:
@@ -138,9 +140,16 @@ def celeba_root(path: Path) -> Path:
 
 def fit(folder: Path, data: list[str], cfg: list[str], epochs: int, seed: int, common: list[str]) -> Path:
     lit_cf(
-        "fit", *data, *cfg, *common, f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
-        f"--trainer.default_root_dir={folder}", "--trainer.callbacks+=ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={folder}", "--trainer.callbacks.filename=last",
+        "fit",
+        *data,
+        *cfg,
+        *common,
+        f"--seed_everything={seed}",
+        f"--trainer.max_epochs={epochs}",
+        f"--trainer.default_root_dir={folder}",
+        "--trainer.callbacks+=ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={folder}",
+        "--trainer.callbacks.filename=last",
     )
     ckpt = folder / "last.ckpt"
     if not ckpt.is_file():
@@ -230,17 +239,37 @@ def mnist_part(args: argparse.Namespace, out: Path, common: list[str]) -> dict[s
     limit = [f"--data.init_args.limit={args.train_limit}"] if args.train_limit else []
     t0 = time.time()
     ckpt = {
-        "autoencoder": fit(base / "models/autoencoder", data + limit, [f"--config={C / 'model/autoencoder.yaml'}"], args.ae_epochs, args.seed, common),
-        "classifier": fit(base / "models/classifier", data + limit, [f"--config={C / 'model/cnn.yaml'}"], args.clf_epochs, args.seed, common),
+        "autoencoder": fit(
+            base / "models/autoencoder",
+            data + limit,
+            [f"--config={C / 'model/autoencoder.yaml'}"],
+            args.ae_epochs,
+            args.seed,
+            common,
+        ),
+        "classifier": fit(
+            base / "models/classifier", data + limit, [f"--config={C / 'model/cnn.yaml'}"], args.clf_epochs, args.seed, common
+        ),
     }
     if not args.no_oracle:
-        ckpt["oracle"] = fit(base / "models/oracle_wide", data + limit, [f"--config={C / 'model/cnn_wide.yaml'}"], args.clf_epochs, args.seed + 2, common)
+        ckpt["oracle"] = fit(
+            base / "models/oracle_wide",
+            data + limit,
+            [f"--config={C / 'model/cnn_wide.yaml'}"],
+            args.clf_epochs,
+            args.seed + 2,
+            common,
+        )
     fit_s = time.time() - t0
     dm = MNISTDataModule(root=str(root), download=False, batch_size=1000)
     acc = {k: accuracy(v, dm) for k, v in ckpt.items() if k != "autoencoder"}
     ae_mse = recon_mse(ckpt["autoencoder"], dm)
-    print(f"\nMNIST classifier test accuracy {acc['classifier']:.2%} (paper {PAPER_ACCURACY:.2%}, goal >= {GOAL_ACCURACY:.1%})"
-          + (f"; oracle {acc['oracle']:.2%}" if "oracle" in acc else "") + f"; autoencoder test MSE {ae_mse:.4f}\n", flush=True)
+    print(
+        f"\nMNIST classifier test accuracy {acc['classifier']:.2%} (paper {PAPER_ACCURACY:.2%}, goal >= {GOAL_ACCURACY:.1%})"
+        + (f"; oracle {acc['oracle']:.2%}" if "oracle" in acc else "")
+        + f"; autoencoder test MSE {ae_mse:.4f}\n",
+        flush=True,
+    )
 
     # queries: (a) misclassified -> true label; (b) digit pairs from a target file
     pair_targets: dict[int, int] = {}
@@ -255,7 +284,11 @@ def mnist_part(args: argparse.Namespace, out: Path, common: list[str]) -> dict[s
     selections = {
         "misclassified": ["--select=misclassified", "--target=label"]
         + ([f"--num_queries={args.num_queries}"] if args.num_queries else []),
-        "pairs": ["--indices=[" + ",".join(map(str, sorted(pair_targets))) + "]", "--target=file", f"--target_file={target_file}"],
+        "pairs": [
+            "--indices=[" + ",".join(map(str, sorted(pair_targets))) + "]",
+            "--target=file",
+            f"--target_file={target_file}",
+        ],
     }
     settings = {"misclassified": (args.steps, args.threshold), "pairs": (args.pair_steps, args.pair_threshold)}
     runs: dict[str, Path] = {}
@@ -263,42 +296,71 @@ def mnist_part(args: argparse.Namespace, out: Path, common: list[str]) -> dict[s
     for part, sel in selections.items():
         steps, tau = settings[part]
         method_args = {
-            "latent_attack": [f"--model.init_args.generator={ckpt['autoencoder']}", f"--model.init_args.steps={steps}",
-                              f"--model.init_args.lr={args.lr}", f"--model.init_args.threshold={tau}"],
+            "latent_attack": [
+                f"--model.init_args.generator={ckpt['autoencoder']}",
+                f"--model.init_args.steps={steps}",
+                f"--model.init_args.lr={args.lr}",
+                f"--model.init_args.threshold={tau}",
+            ],
             "pixel": [f"--model.init_args.steps={args.pixel_steps or steps}", f"--model.init_args.stop_probability={tau}"],
         }
         for method, margs in method_args.items():
             run = base / "explain" / f"{part}-{method}"
             lit_cf(
-                "explain", *data, f"--config={C / f'explain/{method}.yaml'}", *margs, "--trainer.logger=false",
-                "--trainer.enable_progress_bar=false", f"--trainer.accelerator={args.accelerator}",
-                f"--trainer.default_root_dir={base}", f"--classifier={ckpt['classifier']}", f"--output_dir={run}",
-                *sel, "--on_source_equals_target=skip", "--chunk_size=256", f"--seed={args.seed}",
+                "explain",
+                *data,
+                f"--config={C / f'explain/{method}.yaml'}",
+                *margs,
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.accelerator={args.accelerator}",
+                f"--trainer.default_root_dir={base}",
+                f"--classifier={ckpt['classifier']}",
+                f"--output_dir={run}",
+                *sel,
+                "--on_source_equals_target=skip",
+                "--chunk_size=256",
+                f"--seed={args.seed}",
             )
             runs[f"{part}/{method}"] = run
     explain_s = time.time() - t0
-    stats = {name: run_stats(path, settings[name.split("/")[0]][1], group_by_pair=name.startswith("pairs")) for name, path in runs.items()}
+    stats = {
+        name: run_stats(path, settings[name.split("/")[0]][1], group_by_pair=name.startswith("pairs"))
+        for name, path in runs.items()
+    }
 
     evaluate_dir = base / "evaluate"
     extra = [f"--oracles={{oracle: {ckpt['oracle']}}}", f"--feature_network={ckpt['oracle']}"] if "oracle" in ckpt else []
     lit_cf(
-        "evaluate", *data, "--trainer.logger=false", f"--trainer.accelerator={args.accelerator}",
-        "--trainer.enable_progress_bar=false", f"--runs=[{','.join(str(p) for p in runs.values())}]",
-        f"--names=[{','.join(runs)}]", f"--output_dir={evaluate_dir}", *extra,
+        "evaluate",
+        *data,
+        "--trainer.logger=false",
+        f"--trainer.accelerator={args.accelerator}",
+        "--trainer.enable_progress_bar=false",
+        f"--runs=[{','.join(str(p) for p in runs.values())}]",
+        f"--names=[{','.join(runs)}]",
+        f"--output_dir={evaluate_dir}",
+        *extra,
     )
     metrics = json.loads((evaluate_dir / "metrics.json").read_text())
     table = {row["method"]: row for row in metrics["table"]}
 
-    print(f"\nMNIST LatentAttack (lr {args.lr}; misclassified: tau {args.threshold}, <= {args.steps} steps; "
-          f"pairs: tau {args.pair_threshold}, <= {args.pair_steps} steps):")
+    print(
+        f"\nMNIST LatentAttack (lr {args.lr}; misclassified: tau {args.threshold}, <= {args.steps} steps; "
+        f"pairs: tau {args.pair_threshold}, <= {args.pair_steps} steps):"
+    )
     print(f"{'part':28s} {'n':>4s} {'success':>8s} {'steps mean':>10s} {'median':>7s} {'recon=query pred':>16s}")
     for name, st in stats.items():
-        print(f"{name:28s} {st['n']:4d} {fmt(st.get('success_rate'), '{:.1%}'):>8s} {fmt(st.get('steps_mean'), '{:.1f}'):>10s} "
-              f"{fmt(st.get('steps_median'), '{:.0f}'):>7s} {fmt(st.get('recon_pred_equals_query_pred'), '{:.1%}'):>16s}")
+        print(
+            f"{name:28s} {st['n']:4d} {fmt(st.get('success_rate'), '{:.1%}'):>8s} {fmt(st.get('steps_mean'), '{:.1f}'):>10s} "
+            f"{fmt(st.get('steps_median'), '{:.0f}'):>7s} {fmt(st.get('recon_pred_equals_query_pred'), '{:.1%}'):>16s}"
+        )
         for pair, ps in st.get("per_pair", {}).items():
             if ps["n"]:
-                print(f"  {pair:26s} {ps['n']:4d} {ps['success_rate']:8.1%} {fmt(ps['steps_mean'], '{:.1f}'):>10s} "
-                      f"{fmt(ps['steps_median'], '{:.0f}'):>7s}")
+                print(
+                    f"  {pair:26s} {ps['n']:4d} {ps['success_rate']:8.1%} {fmt(ps['steps_mean'], '{:.1f}'):>10s} "
+                    f"{fmt(ps['steps_median'], '{:.0f}'):>7s}"
+                )
     cols = [(k, h, f) for k, h, f in TABLE if any(k in row for row in table.values())]
     print("\nlit-cf evaluate (success: target probability >= tau; validity: classifier predicts the target):")
     print(f"{'run':28s} " + " ".join(f"{h:>11s}" for _, h, _ in cols))
@@ -313,7 +375,9 @@ def mnist_part(args: argparse.Namespace, out: Path, common: list[str]) -> dict[s
         "autoencoder_test_mse": ae_mse,
         "runs": {k: str(v) for k, v in runs.items()},
         "attack_stats": stats,
-        "success_goal_met": {k: v.get("success_rate", 0) >= GOAL_SUCCESS for k, v in stats.items() if k.endswith("latent_attack")},
+        "success_goal_met": {
+            k: v.get("success_rate", 0) >= GOAL_SUCCESS for k, v in stats.items() if k.endswith("latent_attack")
+        },
         "evaluate": {name: table.get(name) for name in runs},
         "seconds": {"fit": round(fit_s, 1), "explain": round(explain_s, 1)},
     }
@@ -336,21 +400,37 @@ def celeba_part(args: argparse.Namespace, out: Path, common: list[str]) -> dict[
     if args.celeba_classifier == "resnet18":
         clf_cfg = [f"--config={C / 'model/resnet18_celeba.yaml'}"]
     else:  # the small CNN of configs/model/cnn.yaml for 64 px RGB and two classes (CPU runs)
-        clf_cfg = [f"--config={C / 'model/cnn.yaml'}", "--model.init_args.num_classes=2",
-                   "--model.init_args.backbone.init_args.in_channels=3", "--model.init_args.backbone.init_args.image_size=64",
-                   "--model.init_args.input_mean=[0.5,0.5,0.5]", "--model.init_args.input_std=[0.5,0.5,0.5]"]
+        clf_cfg = [
+            f"--config={C / 'model/cnn.yaml'}",
+            "--model.init_args.num_classes=2",
+            "--model.init_args.backbone.init_args.in_channels=3",
+            "--model.init_args.backbone.init_args.image_size=64",
+            "--model.init_args.input_mean=[0.5,0.5,0.5]",
+            "--model.init_args.input_std=[0.5,0.5,0.5]",
+        ]
     t0 = time.time()
-    ae_ckpt = fit(base / "models/autoencoder", data + limit, [f"--config={C / 'model/autoencoder_celeba.yaml'}"],
-                  args.celeba_ae_epochs or args.ae_epochs, args.seed, common)
-    clf_ckpt = fit(base / "models/classifier", data + limit, clf_cfg, args.celeba_clf_epochs or args.clf_epochs, args.seed, common)
+    ae_ckpt = fit(
+        base / "models/autoencoder",
+        data + limit,
+        [f"--config={C / 'model/autoencoder_celeba.yaml'}"],
+        args.celeba_ae_epochs or args.ae_epochs,
+        args.seed,
+        common,
+    )
+    clf_ckpt = fit(
+        base / "models/classifier", data + limit, clf_cfg, args.celeba_clf_epochs or args.clf_epochs, args.seed, common
+    )
     fit_s = time.time() - t0
     dm = CelebADataModule(root=str(root), batch_size=256, limit=limit_n)
     acc = accuracy(clf_ckpt, dm)
     test_labels = torch.cat([b["label"] for b in dm.loader("test")])
     majority = max(float(test_labels.float().mean()), 1 - float(test_labels.float().mean()))
     ae_mse = recon_mse(ae_ckpt, dm)
-    print(f"\nCelebA Smiling classifier ({args.celeba_classifier}) test accuracy {acc:.2%} (majority class {majority:.2%}); "
-          f"autoencoder test MSE {ae_mse:.4f}", flush=True)
+    print(
+        f"\nCelebA Smiling classifier ({args.celeba_classifier}) test accuracy {acc:.2%} (majority class {majority:.2%}); "
+        f"autoencoder test MSE {ae_mse:.4f}",
+        flush=True,
+    )
 
     # latent attribute predictors: logistic regression per attribute on the autoencoder's codes
     ae = load_module(ae_ckpt, L.LightningModule).eval()
@@ -361,13 +441,17 @@ def celeba_part(args: argparse.Namespace, out: Path, common: list[str]) -> dict[
     predictors = fit_linear_predictors(codes_train, y_train.values, y_train.kinds, y_train.names, l2=1e-2)
     predictors.save(base / "models/latent_attribute_predictors.safetensors")
     quality = predictors.quality(codes_val, y_val.values)
-    base_rate = {n: max(float(y_val.values[:, j].mean()), 1 - float(y_val.values[:, j].mean())) for j, n in enumerate(y_val.names)}
+    base_rate = {
+        n: max(float(y_val.values[:, j].mean()), 1 - float(y_val.values[:, j].mean())) for j, n in enumerate(y_val.names)
+    }
     gain = sorted(quality, key=lambda n: quality[n] - base_rate[n], reverse=True)
     mean_acc = statistics.fmean(quality.values())
     mean_base = statistics.fmean(base_rate.values())
-    print(f"latent attribute predictors ({len(quality)} attributes, {len(codes_train)} training codes): mean held-out accuracy "
-          f"{mean_acc:.3f} vs majority {mean_base:.3f}; largest gains: "
-          + ", ".join(f"{n} {quality[n]:.2f} (vs {base_rate[n]:.2f})" for n in gain[:6]))
+    print(
+        f"latent attribute predictors ({len(quality)} attributes, {len(codes_train)} training codes): mean held-out accuracy "
+        f"{mean_acc:.3f} vs majority {mean_base:.3f}; largest gains: "
+        + ", ".join(f"{n} {quality[n]:.2f} (vs {base_rate[n]:.2f})" for n in gain[:6])
+    )
 
     # correctly classified faces of one class towards the other
     runs = {
@@ -379,12 +463,25 @@ def celeba_part(args: argparse.Namespace, out: Path, common: list[str]) -> dict[
     for name, sel in runs.items():
         run = base / "explain" / f"{name}-latent_attack"
         ok = lit_cf(
-            "explain", *data, f"--config={C / 'explain/latent_attack.yaml'}", f"--model.init_args.generator={ae_ckpt}",
-            f"--model.init_args.steps={args.celeba_steps}", f"--model.init_args.lr={args.celeba_lr}",
-            f"--model.init_args.threshold={args.threshold}", *sel, f"--num_queries={args.celeba_queries}",
-            "--on_source_equals_target=skip", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.accelerator={args.accelerator}", f"--trainer.default_root_dir={base}", f"--classifier={clf_ckpt}",
-            f"--output_dir={run}", "--chunk_size=256", f"--seed={args.seed}", fatal=False,
+            "explain",
+            *data,
+            f"--config={C / 'explain/latent_attack.yaml'}",
+            f"--model.init_args.generator={ae_ckpt}",
+            f"--model.init_args.steps={args.celeba_steps}",
+            f"--model.init_args.lr={args.celeba_lr}",
+            f"--model.init_args.threshold={args.threshold}",
+            *sel,
+            f"--num_queries={args.celeba_queries}",
+            "--on_source_equals_target=skip",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.accelerator={args.accelerator}",
+            f"--trainer.default_root_dir={base}",
+            f"--classifier={clf_ckpt}",
+            f"--output_dir={run}",
+            "--chunk_size=256",
+            f"--seed={args.seed}",
+            fatal=False,
         )
         if ok:
             paths[name] = run
@@ -406,16 +503,24 @@ def celeba_part(args: argparse.Namespace, out: Path, common: list[str]) -> dict[
     combined = None
     if parts:
         combined = global_attribution(
-            torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
-            predictors.names, n_boot=args.n_boot, seed=args.seed,
+            torch.cat([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]),
+            predictors.names,
+            n_boot=args.n_boot,
+            seed=args.seed,
         )
     print(f"\nCelebA LatentAttack (lr {args.celeba_lr}, tau {args.threshold}, <= {args.celeba_steps} steps):")
     for name, st in stats.items():
-        print(f"  {name:13s} n {st['n']:3d}  success {fmt(st.get('success_rate'), '{:.1%}')}  steps mean "
-              f"{fmt(st.get('steps_mean'), '{:.1f}')} median {fmt(st.get('steps_median'), '{:.0f}')}")
+        print(
+            f"  {name:13s} n {st['n']:3d}  success {fmt(st.get('success_rate'), '{:.1%}')}  steps mean "
+            f"{fmt(st.get('steps_mean'), '{:.1f}')} median {fmt(st.get('steps_median'), '{:.0f}')}"
+        )
     if combined is not None:
-        print(f"top global descriptors for Smiling (sign +1 towards smiling, -1 away; {sum(len(p[0]) for p in parts)} "
-              "successful counterfactuals; 95% bootstrap CI):")
+        print(
+            f"top global descriptors for Smiling (sign +1 towards smiling, -1 away; {sum(len(p[0]) for p in parts)} "
+            "successful counterfactuals; 95% bootstrap CI):"
+        )
         for i, (n, s, lo, hi) in enumerate(combined[: args.top_k]):
             print(f"  {i + 1:2d}. {n:22s} {s:+.3f} [{lo:+.3f}, {hi:+.3f}]  (predictor accuracy {quality[n]:.2f})")
     else:
@@ -482,8 +587,13 @@ def main() -> None:
     out = Path(args.out or f"runs/repro-cf-attacks-{time.strftime('%Y%m%d-%H%M%S')}")
     prepare_out(out, args.overwrite, OWNED, "repro_cf_attacks")
     set_threads(args.threads)
-    common = ["--trainer.logger=false", f"--trainer.accelerator={args.accelerator}", "--sample_grid.num_samples=0",
-              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    common = [
+        "--trainer.logger=false",
+        f"--trainer.accelerator={args.accelerator}",
+        "--sample_grid.num_samples=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     t0 = time.time()
     summary: dict[str, Any] = {"settings": {**vars(args), "out": str(out)}, "pairs": [f"{s}->{t}" for s, t in PAIRS]}
     if not args.skip_mnist:

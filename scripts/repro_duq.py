@@ -59,7 +59,9 @@ PAPER_EPOCHS = 30
 
 
 @torch.no_grad()
-def certainties(model: DUQClassifier, dm: ImageDataModule, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def certainties(
+    model: DUQClassifier, dm: ImageDataModule, split: str = "test"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(certainty ``max_c K_c``, prediction, label) over a split; images normalised by the model."""
     was_training = model.training
     model.eval()
@@ -93,8 +95,15 @@ class EpochCurve(Callback):
             pace of the last one) would not fit, so only whole epochs are run (``None``: no box).
     """
 
-    def __init__(self, test_data: ImageDataModule, ood_data: ImageDataModule, path: Path, every: int = 1,
-                 stop_after: int | None = None, time_budget: float | None = None) -> None:
+    def __init__(
+        self,
+        test_data: ImageDataModule,
+        ood_data: ImageDataModule,
+        path: Path,
+        every: int = 1,
+        stop_after: int | None = None,
+        time_budget: float | None = None,
+    ) -> None:
         self.test_data, self.ood_data, self.path, self.every = test_data, ood_data, path, every
         self.stop_after, self.time_budget = stop_after, time_budget
         self.curve: list[dict[str, float]] = []
@@ -124,8 +133,11 @@ class EpochCurve(Callback):
             }
             self.curve = [r for r in self.curve if r["epoch"] != epoch] + [row]
             atomic_write_text(self.path, json.dumps(self.curve, indent=1))
-            print(f"epoch {epoch:>3}  accuracy {row['accuracy']:.4f}  AUROC {row['auroc_ood']:.4f}  "
-                  f"({seconds:.1f} s training, {row['eval_seconds']:.1f} s evaluation)", flush=True)
+            print(
+                f"epoch {epoch:>3}  accuracy {row['accuracy']:.4f}  AUROC {row['auroc_ood']:.4f}  "
+                f"({seconds:.1f} s training, {row['eval_seconds']:.1f} s evaluation)",
+                flush=True,
+            )
         if self.stop_after is not None and epoch >= self.stop_after:
             trainer.should_stop = True
         now = time.perf_counter()
@@ -144,11 +156,16 @@ def build(dataset: str, root: str, epochs: int, overrides: list[str]) -> tuple[D
     """The model and datamodule of ``dataset``, instantiated from the shipped configs (seed 0)."""
     data_cfg, model_cfg, _, _ = DATASETS[dataset]
     args = [
-        f"--config={CONFIGS / data_cfg}", f"--config={CONFIGS / model_cfg}", f"--config={CONFIGS / 'trainer/duq_paper.yaml'}",
-        f"--data.init_args.root={root}", "--trainer.logger=false",
+        f"--config={CONFIGS / data_cfg}",
+        f"--config={CONFIGS / model_cfg}",
+        f"--config={CONFIGS / 'trainer/duq_paper.yaml'}",
+        f"--data.init_args.root={root}",
+        "--trainer.logger=false",
     ]
     if epochs != PAPER_EPOCHS:  # shortened schedule: milestones at 1/3 and 2/3
-        args.append(f"--model.init_args.scheduler.init_args.milestones=[{max(1, round(epochs / 3))},{max(2, round(2 * epochs / 3))}]")
+        args.append(
+            f"--model.init_args.scheduler.init_args.milestones=[{max(1, round(epochs / 3))},{max(2, round(2 * epochs / 3))}]"
+        )
     argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI parses `args` only (and warns if sys.argv has more)
     try:
         cli = build_cli(args + overrides, run=False)
@@ -170,9 +187,16 @@ def run_dataset(dataset: str, args: argparse.Namespace, overrides: list[str]) ->
     ood, test_dm = ood_cls(root=args.root, batch_size=1000), type(dm)(root=args.root, batch_size=1000)
     curve = EpochCurve(test_dm, ood, workdir / "curve.json", args.eval_every, args.stop_after, args.time_budget)
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1, max_epochs=args.epochs, logger=False,
-        default_root_dir=workdir, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=args.progress,
-        enable_model_summary=False, precision=args.precision,
+        accelerator=args.accelerator,
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        default_root_dir=workdir,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=args.progress,
+        enable_model_summary=False,
+        precision=args.precision,
         callbacks=[curve, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1)],
     )
     start = time.perf_counter()
@@ -194,8 +218,13 @@ def run_dataset(dataset: str, args: argparse.Namespace, overrides: list[str]) ->
         corr = {}
         for name in CORRUPTIONS:
             per_sev = [
-                auroc(cert, certainties(model, FashionMNISTDataModule(root=args.root, batch_size=1000, test_corruption=name,
-                                                                      corruption_severity=s))[0])
+                auroc(
+                    cert,
+                    certainties(
+                        model,
+                        FashionMNISTDataModule(root=args.root, batch_size=1000, test_corruption=name, corruption_severity=s),
+                    )[0],
+                )
                 for s in range(1, 6)
             ]
             corr[name] = {"mean": sum(per_sev) / 5, "by_severity": per_sev}
@@ -215,11 +244,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/repro_duq", help="folder with one sub-folder per dataset")
     parser.add_argument("--ckpt_path", default=None, help="'last' resumes each dataset's run from its last.ckpt")
     parser.add_argument("--stop-after", type=int, default=None, help="stop once this many epochs are done (resume later)")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds of training per dataset and run; stops after the last whole epoch that fits")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds of training per dataset and run; stops after the last whole epoch that fits",
+    )
     parser.add_argument("--eval-every", type=int, default=1, help="add a curve point every this many epochs")
-    parser.add_argument("--corruptions", action="store_true",
-                        help="after a finished run also AUROC vs corrupted Fashion-MNIST / rendered digits")
+    parser.add_argument(
+        "--corruptions", action="store_true", help="after a finished run also AUROC vs corrupted Fashion-MNIST / rendered digits"
+    )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
@@ -240,9 +274,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for dataset in DATASETS:
         if dataset in results and "accuracy" in results[dataset]:
             r = results[dataset]
-            print(f"{dataset:<14} after {r['epochs_done']:>2} epochs: accuracy {r['accuracy']:.4f}  "
-                  f"AUROC vs {'MNIST' if dataset == 'fashion_mnist' else 'Fashion-MNIST'} {r['auroc_ood']:.4f}  "
-                  f"(goal: {r['goal']})")
+            print(
+                f"{dataset:<14} after {r['epochs_done']:>2} epochs: accuracy {r['accuracy']:.4f}  "
+                f"AUROC vs {'MNIST' if dataset == 'fashion_mnist' else 'Fashion-MNIST'} {r['auroc_ood']:.4f}  "
+                f"(goal: {r['goal']})"
+            )
     return results
 
 

@@ -32,8 +32,15 @@ C = ROOT / "configs"
 METHODS = {
     # name -> explain config and overrides
     "disc": ("explain/disc.yaml", ["--model.init_args.prior=dip", "--model.init_args.progressive=true"]),
-    "iso": ("explain/disc.yaml", ["--model.init_args.prior=pixels", "--model.init_args.feature_weight=0",
-                                  "--model.init_args.mc_weight=0", "--model.init_args.progressive=false"]),
+    "iso": (
+        "explain/disc.yaml",
+        [
+            "--model.init_args.prior=pixels",
+            "--model.init_args.feature_weight=0",
+            "--model.init_args.mc_weight=0",
+            "--model.init_args.progressive=false",
+        ],
+    ),
     "deepinversion": ("explain/deepinversion.yaml", ["--model.init_args.stop_probability=0.8"]),
 }
 
@@ -46,10 +53,20 @@ def lit_cf(*args: str) -> None:
 def fit_model(folder: Path, data: list[str], cfg: list[str], epochs: int, seed: int, accelerator: str, extra: list[str]) -> Path:
     if not (folder / "last.ckpt").exists():
         lit_cf(
-            "fit", *data, *cfg, *extra, "--trainer.logger=false", f"--trainer.accelerator={accelerator}",
-            "--sample_grid.num_samples=0", f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
-            f"--trainer.default_root_dir={folder}", "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder}",
-            "--trainer.callbacks.filename=last", "--trainer.enable_progress_bar=false",
+            "fit",
+            *data,
+            *cfg,
+            *extra,
+            "--trainer.logger=false",
+            f"--trainer.accelerator={accelerator}",
+            "--sample_grid.num_samples=0",
+            f"--seed_everything={seed}",
+            f"--trainer.max_epochs={epochs}",
+            f"--trainer.default_root_dir={folder}",
+            "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={folder}",
+            "--trainer.callbacks.filename=last",
+            "--trainer.enable_progress_bar=false",
         )
     return folder / "last.ckpt"
 
@@ -114,9 +131,15 @@ def main() -> None:
         sys.exit(f"student_disc: no MNIST folder under {args.root}; run: bash scripts/prepare_data.sh ../shared/data {args.root}")
     models = Path(args.models or out / "models")
     data = [f"--config={C / 'data/mnist.yaml'}", f"--data.init_args.root={args.root}"]
-    teacher = fit_model(models / "classifier", data, [f"--config={C / 'model/cnn.yaml'}"], args.teacher_epochs, 0, args.accelerator, [])
-    small_duq = [f"--config={C / 'model/duq_cnn.yaml'}", "--model.init_args.backbone.init_args.channels=[32,64,64]",
-                 "--model.init_args.backbone.init_args.hidden=128", "--model.init_args.embedding_size=128"]
+    teacher = fit_model(
+        models / "classifier", data, [f"--config={C / 'model/cnn.yaml'}"], args.teacher_epochs, 0, args.accelerator, []
+    )
+    small_duq = [
+        f"--config={C / 'model/duq_cnn.yaml'}",
+        "--model.init_args.backbone.init_args.channels=[32,64,64]",
+        "--model.init_args.backbone.init_args.hidden=128",
+        "--model.init_args.embedding_size=128",
+    ]
     duq = fit_model(models / "duq", data, small_duq, 1, 0, args.accelerator, [])
 
     results, seconds = {}, {}
@@ -125,25 +148,55 @@ def main() -> None:
         run = out / "explain" / m
         common = [f"--model.init_args.steps={args.steps * (1 if m == 'disc' else 4)}"]
         if cfg.endswith("disc.yaml"):
-            common += [f"--model.init_args.duq={duq}", f"--model.init_args.fit_steps={args.fit_steps}",
-                       f"--model.init_args.dip_channels={args.dip_channels}"]
+            common += [
+                f"--model.init_args.duq={duq}",
+                f"--model.init_args.fit_steps={args.fit_steps}",
+                f"--model.init_args.dip_channels={args.dip_channels}",
+            ]
         start = time.perf_counter()
         lit_cf(
-            "explain", *data, f"--config={C / cfg}", *common, *overrides, "--trainer.logger=false",
-            f"--trainer.accelerator={args.accelerator}", f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
-            f"--classifier={teacher}", f"--output_dir={run}", "--split=val", f"--num_queries={args.queries}",
-            f"--target={args.targets}", f"--chunk_size={args.chunk_size}",
+            "explain",
+            *data,
+            f"--config={C / cfg}",
+            *common,
+            *overrides,
+            "--trainer.logger=false",
+            f"--trainer.accelerator={args.accelerator}",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.enable_progress_bar=false",
+            f"--classifier={teacher}",
+            f"--output_dir={run}",
+            "--split=val",
+            f"--num_queries={args.queries}",
+            f"--target={args.targets}",
+            f"--chunk_size={args.chunk_size}",
         )
         seconds[m] = time.perf_counter() - start
         student = fit_model(
-            out / "students" / m, [f"--data=lit_cf.data.CounterfactualDataModule", f"--data.init_args.runs=[{run}]",
-                                   "--data.init_args.num_classes=10", "--data.init_args.batch_size=64"],
-            [f"--config={C / 'model/cnn.yaml'}"], args.student_epochs, 1, args.accelerator, [],
+            out / "students" / m,
+            [
+                "--data=lit_cf.data.CounterfactualDataModule",
+                f"--data.init_args.runs=[{run}]",
+                "--data.init_args.num_classes=10",
+                "--data.init_args.batch_size=64",
+            ],
+            [f"--config={C / 'model/cnn.yaml'}"],
+            args.student_epochs,
+            1,
+            args.accelerator,
+            [],
         )
         results[m] = score(student, teacher, args.root, args.test_size, [int(s) for s in args.severities.split(",")])
         results[m]["explain_seconds"] = seconds[m]
         results[m]["success"] = sum(json.loads(line)["success"] for line in (run / "manifest.jsonl").read_text().splitlines())
-    header = ["method", "clean acc", "agreement", "corrupted acc (mean)", *list(next(iter(results.values()))["per_corruption"]), "explain s"]
+    header = [
+        "method",
+        "clean acc",
+        "agreement",
+        "corrupted acc (mean)",
+        *list(next(iter(results.values()))["per_corruption"]),
+        "explain s",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, r in results.items():
         vals = [r["clean_acc"], r["agreement"], r["corrupted_acc"], *r["per_corruption"].values()]
@@ -151,8 +204,10 @@ def main() -> None:
     md = "\n".join(lines)
     (out / "students.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     (out / "students.md").write_text(md + "\n")
-    print(f"\nstudents trained on {args.queries} validation queries + their counterfactuals ({args.targets}); "
-          f"scored on {args.test_size} test images\n{md}")
+    print(
+        f"\nstudents trained on {args.queries} validation queries + their counterfactuals ({args.targets}); "
+        f"scored on {args.test_size} test images\n{md}"
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,13 @@ def cnn_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def duq_ckpt(tmp_path_factory) -> Path:
-    return fit_checkpoint(tmp_path_factory.mktemp("duq"), "model/duq_cnn.yaml", "--model.init_args.backbone.init_args.channels=[8,16,16]", "--model.init_args.backbone.init_args.hidden=32", "--model.init_args.embedding_size=16")
+    return fit_checkpoint(
+        tmp_path_factory.mktemp("duq"),
+        "model/duq_cnn.yaml",
+        "--model.init_args.backbone.init_args.channels=[8,16,16]",
+        "--model.init_args.backbone.init_args.hidden=32",
+        "--model.init_args.embedding_size=16",
+    )
 
 
 @pytest.fixture(scope="session")

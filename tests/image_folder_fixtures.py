@@ -24,7 +24,9 @@ def image_array(k: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_image_folder(root: str | Path, per_class: int = 4, size: int = 20, classes=CLASSES, seed: int = 0, flat: bool = False) -> Path:
+def write_image_folder(
+    root: str | Path, per_class: int = 4, size: int = 20, classes=CLASSES, seed: int = 0, flat: bool = False
+) -> Path:
     """Write ``root/<class>/<i>.png`` (or, ``flat``, ``root/<class>_<i>.png``) and return ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -44,7 +46,9 @@ def tiny_resnet(num_classes: int = 3, seed: int = 0) -> torch.nn.Module:
     return torchvision.models.resnet18(num_classes=num_classes).eval()
 
 
-def fit_steps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 5, lr: float = 1e-3) -> torch.nn.Module:
+def fit_steps(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 5, lr: float = 1e-3
+) -> torch.nn.Module:
     """A few Adam steps of cross-entropy on normalised images (what a user would have done elsewhere)."""
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -50,10 +50,23 @@ def fit(tmp_path: Path, data_config: str, model_config: str, *extra: str) -> Pat
     return ckpts[-1]
 
 
-GRAY_MODELS = ["model/cnn.yaml", "model/cnn_wide.yaml", "model/robust_cnn.yaml", "model/duq_cnn.yaml", "model/duq_cnn_mnist.yaml", "model/autoencoder.yaml", "model/vae.yaml", "model/factor_regressor.yaml"]
+GRAY_MODELS = [
+    "model/cnn.yaml",
+    "model/cnn_wide.yaml",
+    "model/robust_cnn.yaml",
+    "model/duq_cnn.yaml",
+    "model/duq_cnn_mnist.yaml",
+    "model/autoencoder.yaml",
+    "model/vae.yaml",
+    "model/factor_regressor.yaml",
+]
 CELEBA_MODELS = [
-    "model/resnet18_celeba.yaml", "model/duq_resnet18_celeba.yaml", "model/autoencoder_celeba.yaml",
-    "model/attribute_classifier_celeba.yaml", "model/cnn_celeba.yaml", "model/duq_cnn_celeba.yaml",
+    "model/resnet18_celeba.yaml",
+    "model/duq_resnet18_celeba.yaml",
+    "model/autoencoder_celeba.yaml",
+    "model/attribute_classifier_celeba.yaml",
+    "model/cnn_celeba.yaml",
+    "model/duq_cnn_celeba.yaml",
 ]
 
 
@@ -121,8 +134,15 @@ TRAINER_CONFIGS = ["trainer/default.yaml", "trainer/duq_paper.yaml", "trainer/sm
 
 @pytest.mark.parametrize("trainer_config", TRAINER_CONFIGS[:2])
 def test_trainer_configs(trainer_config, tmp_path):
-    fit(tmp_path, "data/rendered.yaml", "model/cnn.yaml", f"--config={CONFIGS / trainer_config}",
-        "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.limit_val_batches=1")
+    fit(
+        tmp_path,
+        "data/rendered.yaml",
+        "model/cnn.yaml",
+        f"--config={CONFIGS / trainer_config}",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+    )
 
 
 LOGGER_CONFIGS = ["logger/csv.yaml", "logger/wandb.yaml"]

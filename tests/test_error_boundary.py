@@ -276,7 +276,11 @@ def test_debug_flag_and_env_show_the_traceback(cnn_ckpt, tmp_path, capsys, monke
 def test_user_message_maps_expected_failures():
     from safetensors import SafetensorError
 
-    assert "no space left" in user_message(SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"))
+    assert "no space left" in user_message(
+        SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+    )
     assert "permission denied (/x)" in user_message(PermissionError(errno.EACCES, "Permission denied", "/x"))
     assert "is a file, not a directory" in user_message(NotADirectoryError(errno.ENOTDIR, "Not a directory", "/f/x"))
     assert "invalid JSON" in user_message(json.JSONDecodeError("Expecting value", "x", 0))

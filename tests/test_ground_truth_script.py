@@ -45,7 +45,9 @@ def test_usage_errors_exit_2_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "gt"
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "ground_truth.py"), "--out", str(out), *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert message in proc.stderr

@@ -150,8 +150,12 @@ class LinearPredictors:
 
     def to(self, device: torch.device | str) -> LinearPredictors:
         return LinearPredictors(
-            self.weight.to(device), self.bias.to(device), self.mean.to(device), self.std.to(device),
-            self.names, self.kinds,
+            self.weight.to(device),
+            self.bias.to(device),
+            self.mean.to(device),
+            self.std.to(device),
+            self.names,
+            self.kinds,
         )
 
     # ----------------------------------------------------------------- files
@@ -186,8 +190,12 @@ class LinearPredictors:
         if int(meta.get("version", 0)) > FORMAT_VERSION:
             raise UserError(f"{path} was written by a newer lit-cf (format version {meta['version']})")
         return cls(
-            tensors["weight"], tensors["bias"], tensors["mean"], tensors["std"],
-            json.loads(meta["names"]), json.loads(meta["kinds"]),
+            tensors["weight"],
+            tensors["bias"],
+            tensors["mean"],
+            tensors["std"],
+            json.loads(meta["names"]),
+            json.loads(meta["kinds"]),
         )
 
 
@@ -300,8 +308,7 @@ def fit_linear_predictors(
     _check_kinds(kinds)
     if y.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] != len(kinds):
         raise ValueError(
-            f"expected targets [N={x.shape[0]}, A={len(kinds)}], got {tuple(targets.shape)} "
-            f"for features {tuple(features.shape)}"
+            f"expected targets [N={x.shape[0]}, A={len(kinds)}], got {tuple(targets.shape)} for features {tuple(features.shape)}"
         )
     if x.shape[0] < 2:
         raise ValueError("need at least 2 samples to fit predictors")
@@ -351,9 +358,7 @@ def encode_dataset(
     wrapper); it is put in eval mode. Returns ``[N, *latent_shape]``.
     """
     if not callable(getattr(generator, "encode", None)):
-        raise UserError(
-            f"{type(generator).__name__} has no encode(x) method: pass an autoencoder or an inversion wrapper"
-        )
+        raise UserError(f"{type(generator).__name__} has no encode(x) method: pass an autoencoder or an inversion wrapper")
     device = torch.device(device) if device is not None else next(generator.parameters(), torch.empty(0)).device
     generator.eval()
     out = [generator.encode(batch["image"].to(device)).float().cpu() for batch in _image_loader(dataset, batch_size)]
@@ -406,9 +411,7 @@ def descriptor_targets(dataset: Dataset, batch_size: int = 512) -> DescriptorTar
         names = list(names) if names is not None else [f"attribute_{j}" for j in range(values.shape[1])]
         return DescriptorTargets(values, names, ["binary"] * len(names))
     if first["image"].shape[0] != 1:
-        raise UserError(
-            "the samples carry no factors or attributes and are not grayscale: no built-in descriptors for them"
-        )
+        raise UserError("the samples carry no factors or attributes and are not grayscale: no built-in descriptors for them")
     values = torch.cat([mnist_descriptors(b["image"]) for b in _image_loader(dataset, batch_size)])
     return DescriptorTargets(values, list(MNIST_DESCRIPTOR_NAMES), ["continuous"] * len(MNIST_DESCRIPTOR_NAMES))
 

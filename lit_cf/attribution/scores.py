@@ -41,9 +41,7 @@ def _check_pair(desc_query: Tensor, desc_cf: Tensor, names: Sequence[str]) -> No
         raise ValueError(f"{len(names)} names for {desc_query.shape[1]} descriptors")
 
 
-def local_attributions(
-    desc_query: Tensor, desc_cf: Tensor, names: Sequence[str], k: int = 5
-) -> list[list[tuple[str, float]]]:
+def local_attributions(desc_query: Tensor, desc_cf: Tensor, names: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
     """Per counterfactual, the top-``k`` descriptors by ``|s_j|``, ``s_j = P_j(cf) - P_j(query)``.
 
     Returns one list per row of ``(name, s_j)`` in decreasing ``|s_j|`` (ties keep the column
@@ -238,9 +236,7 @@ def attribute_run(
     elif callable(predictor_fn):
         fn, dev = predictor_fn, torch.device(device) if device is not None else None
     else:
-        raise TypeError(
-            f"predictor_fn must be LinearPredictors, a descriptor model or a callable, got {type(predictor_fn)}"
-        )
+        raise TypeError(f"predictor_fn must be LinearPredictors, a descriptor model or a callable, got {type(predictor_fn)}")
 
     keys = ("latent_init", "latent") if inputs == "latent" else ("query", "counterfactual")
     if inputs == "latent" and not _has_tensor(run, "latent"):

@@ -2,8 +2,8 @@
 
 from lit_cf.data.base import ImageDataModule
 from lit_cf.data.celeba import CelebADataModule, CelebADataset
-from lit_cf.data.counterfactual import CounterfactualDataModule
 from lit_cf.data.corruptions import CORRUPTIONS, CorruptedDataset, corrupt
+from lit_cf.data.counterfactual import CounterfactualDataModule
 from lit_cf.data.image_folder import ImageFolderDataModule
 from lit_cf.data.mnist import FashionMNISTDataModule, MNISTDataModule
 from lit_cf.data.rendered import RenderedDigits, RenderedDigitsDataModule, render_digits

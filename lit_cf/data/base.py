@@ -98,9 +98,7 @@ class ImageDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> Dataset:
         """The dataset of ``split`` with the corruption and ``limit`` applied (cached)."""
         if split not in self.split_names:
-            raise ValueError(
-                f"unknown split {split!r} for {type(self).__name__}; choose one of {list(self.split_names)}"
-            )
+            raise ValueError(f"unknown split {split!r} for {type(self).__name__}; choose one of {list(self.split_names)}")
         if split not in self._splits:
             ds = self.build_split(split)
             if self.limit is not None and len(ds) > self.limit:

@@ -349,9 +349,7 @@ class CelebADataModule(ImageDataModule):
         return self._annotations
 
     def build_split(self, split: str) -> Dataset:
-        return CelebADataset(
-            self.root, split, self.target_attribute, self.image_size, annotations=self.annotations
-        )
+        return CelebADataset(self.root, split, self.target_attribute, self.image_size, annotations=self.annotations)
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -89,11 +89,7 @@ def check_corruption(name: str, severity: int) -> None:
     """
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; choose one of {sorted(CORRUPTIONS)}")
-    if (
-        not isinstance(severity, numbers.Integral)
-        or isinstance(severity, bool)
-        or int(severity) not in SEVERITIES
-    ):
+    if not isinstance(severity, numbers.Integral) or isinstance(severity, bool) or int(severity) not in SEVERITIES:
         raise ValueError(f"corruption severity must be an int in {list(SEVERITIES)}, got {severity!r}")
 
 
@@ -122,9 +118,7 @@ def _register(fn: Callable[[Tensor, float, Generators], Tensor]) -> Corruption:
 
 
 # --------------------------------------------------------------------------- randomness
-def _draw(
-    sampler: Callable[..., Tensor], shape: Sequence[int], generator: Generators, device: torch.device
-) -> Tensor:
+def _draw(sampler: Callable[..., Tensor], shape: Sequence[int], generator: Generators, device: torch.device) -> Tensor:
     """Draw ``sampler((B, *shape))``; per-sample from a generator list, else in one go."""
     if generator is None or isinstance(generator, torch.Generator):
         dev = generator.device if generator is not None else device
@@ -263,9 +257,7 @@ def _jpeg(x: Tensor, quality: float, generator: Generators) -> Tensor:
     # Pillow rather than torchvision.io keeps this module free of the slow torchvision import.
     for image in images:
         buffer = io.BytesIO()
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-            buffer, format="JPEG", quality=int(quality)
-        )
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="JPEG", quality=int(quality))
         decoded = np.asarray(Image.open(buffer).convert("L" if image.shape[-1] == 1 else "RGB"))
         out.append(torch.from_numpy(decoded.copy()).reshape(image.shape))
     return torch.stack(out).permute(0, 3, 1, 2).to(x.device, torch.float32) / 255
@@ -292,9 +284,7 @@ def sample_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index)) % (1 << 63)
 
 
-def corrupt(
-    x: Tensor, name: str, severity: int, seed: int | Sequence[int] | Tensor | None = 0
-) -> Tensor:
+def corrupt(x: Tensor, name: str, severity: int, seed: int | Sequence[int] | Tensor | None = 0) -> Tensor:
     """Apply corruption ``name`` at ``severity`` with per-sample deterministic randomness.
 
     Args:

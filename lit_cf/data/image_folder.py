@@ -98,7 +98,11 @@ class ImageFolderDataset(Dataset):
             image = load_image(path, self.image_size, self.channels)
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise UserError(f"cannot read image {path}: {err}") from err
-        return {"image": image, "label": torch.tensor(self.labels[i], dtype=torch.long), "index": torch.tensor(i, dtype=torch.long)}
+        return {
+            "image": image,
+            "label": torch.tensor(self.labels[i], dtype=torch.long),
+            "index": torch.tensor(i, dtype=torch.long),
+        }
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -151,7 +155,9 @@ class ImageFolderDataModule(ImageDataModule):
         if image_size < 1:
             raise UserError(f"image_size must be >= 1, got {image_size}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise UserError(f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got {val_fraction}, {test_fraction}")
+            raise UserError(
+                f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got {val_fraction}, {test_fraction}"
+            )
         if on_error not in ON_ERROR:
             raise UserError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
         self.root, self.image_size, self.channels_, self.on_error = root, image_size, channels, on_error

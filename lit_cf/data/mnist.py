@@ -89,9 +89,7 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(
-                f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}"
-            )
+            raise ValueError(f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}")
         self.images = images
         self.labels = labels.long()
 
@@ -297,9 +295,7 @@ class TorchvisionIDXDataModule(ImageDataModule):
         if self._train_val is None:
             n = len(self._official_split(True))
             if self.val_size >= n:
-                raise ValueError(
-                    f"val_size={self.val_size} must be smaller than the official train split ({n} images)"
-                )
+                raise ValueError(f"val_size={self.val_size} must be smaller than the official train split ({n} images)")
             rest, held = split_indices(n, self.val_size / n, self.seed)
             if len(held) != self.val_size:  # guards the fraction round trip
                 raise RuntimeError(f"held out {len(held)} images instead of val_size={self.val_size}")

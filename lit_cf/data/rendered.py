@@ -211,8 +211,7 @@ def render_digits(labels: Tensor, factors: Tensor, chunk_size: int = 2048) -> Te
     factors = torch.as_tensor(factors)
     if labels.dim() != 1 or factors.dim() != 2 or factors.shape != (labels.shape[0], len(FACTOR_NAMES)):
         raise ValueError(
-            f"expected labels [B] and factors [B, {len(FACTOR_NAMES)}], got {tuple(labels.shape)} "
-            f"and {tuple(factors.shape)}"
+            f"expected labels [B] and factors [B, {len(FACTOR_NAMES)}], got {tuple(labels.shape)} and {tuple(factors.shape)}"
         )
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 9):
         raise ValueError("labels must be in 0..9")
@@ -358,9 +357,7 @@ def _check_shortcut(shortcut_class: int | None, shortcut_strength: float, shortc
     ):
         raise ValueError(f"shortcut_class must be an int in 0..9 or None, got {shortcut_class!r}")
     if shortcut_class is None and shortcut_strength > 0:
-        raise ValueError(
-            f"shortcut_strength={shortcut_strength} needs a shortcut_class (0..9); set one or use strength 0"
-        )
+        raise ValueError(f"shortcut_strength={shortcut_strength} needs a shortcut_class (0..9); set one or use strength 0")
 
 
 def _state_probability(labels: np.ndarray, shortcut_class: int | None, strength: float, base_rate: float) -> np.ndarray:

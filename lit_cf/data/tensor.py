@@ -24,7 +24,10 @@ def check_images(images: Tensor, what: str = "images") -> Tensor:
         raise UserError(f"{what} must be a non-empty batch [N, C, H, W]; got shape {tuple(images.shape)}")
     images = images.detach().float().cpu()
     if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-        raise UserError(f"{what} must hold finite pixels in [0, 1] (lit-cf models normalise inside); got [{images.min():.3g}, {images.max():.3g}]")
+        raise UserError(
+            f"{what} must hold finite pixels in [0, 1] (lit-cf models normalise inside); "
+            f"got [{images.min():.3g}, {images.max():.3g}]"
+        )
     return images
 
 

@@ -225,8 +225,12 @@ class ACE(DiffusionCounterfactual):
         # settings are validated by validate_settings() (describe/attach, before any output), not
         # here: LightningCLI would turn an error raised while it builds the method into a traceback
         super().__init__(
-            diffusion=diffusion, tau=tau, num_steps=num_steps, num_stages=num_stages,
-            allow_other_data=allow_other_data, log_every=log_every,
+            diffusion=diffusion,
+            tau=tau,
+            num_steps=num_steps,
+            num_stages=num_stages,
+            allow_other_data=allow_other_data,
+            log_every=log_every,
         )
         self.save_hyperparameters()
         self.iterations, self.step_size, self.l1_weight = int(iterations), float(step_size), float(l1_weight)
@@ -260,8 +264,17 @@ class ACE(DiffusionCounterfactual):
         counted = CountedDenoiser(self.denoiser(), n, x.device)
         timesteps = self.grid()
         adv, filtered, used = ace_attack(
-            counted, self.classifier, x, target, seeds, timesteps, iterations=self.iterations,
-            step_size=self.step_size, l1_weight=self.l1_weight, epsilon=self.epsilon, clip_denoised=self.clip_denoised,
+            counted,
+            self.classifier,
+            x,
+            target,
+            seeds,
+            timesteps,
+            iterations=self.iterations,
+            step_size=self.step_size,
+            l1_weight=self.l1_weight,
+            epsilon=self.epsilon,
+            clip_denoised=self.clip_denoised,
         )
         pre = filtered if self.pre_explanation == "filtered" else adv
         if not self.refine:

@@ -276,7 +276,6 @@ class CounterfactualMethod(L.LightningModule):
         return out
 
 
-
 @torch.no_grad()
 def masked_adam_update(
     latents: dict[str, Tensor],

@@ -232,5 +232,4 @@ class DiffusionCounterfactual(CounterfactualMethod):
             x_cf = x_cf.detach().float().clamp(0, 1)
             probs = self.classifier(x_cf).float().softmax(-1)
         steps = torch.full_like(batch["target"], self.num_steps)
-        return {"counterfactual": x_cf, "final_probs": probs, "steps": steps,
-                **{k: v.detach() for k, v in extras.items()}}
+        return {"counterfactual": x_cf, "final_probs": probs, "steps": steps, **{k: v.detach() for k, v in extras.items()}}

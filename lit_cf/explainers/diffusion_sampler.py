@@ -189,8 +189,16 @@ def guided_sample(
             mean, var = ddpm_posterior(x_det, x0_step, t, t_prev, ac)
         shift = None
         if guidance is not None:
-            step = GuidanceStep(k, t, t_prev, x_in, eps if grad_through_denoiser else eps.detach(),
-                                x0_hat if grad_through_denoiser else x0_hat.detach(), mean, var)
+            step = GuidanceStep(
+                k,
+                t,
+                t_prev,
+                x_in,
+                eps if grad_through_denoiser else eps.detach(),
+                x0_hat if grad_through_denoiser else x0_hat.detach(),
+                mean,
+                var,
+            )
             with torch.enable_grad():
                 shift = guidance(step)
             shift = shift.detach() if shift is not None else None

@@ -358,7 +358,7 @@ class DISCCounterfactual(CounterfactualMethod):
             else:
                 terms["cf"] = self.cf_weight * cross_entropy_to_target(logits, target)
         if self.feature_weight:
-            terms["feature"] = self.feature_weight * self.feature_loss(feats[-len(self._layer_names):], self._chunk["ref_feats"])
+            terms["feature"] = self.feature_weight * self.feature_loss(feats[-len(self._layer_names) :], self._chunk["ref_feats"])
         if self.mc_weight and self._mc_source is not None:
             terms["mc"] = self.mc_weight * self.manifold_loss(x_cf, logits, target)
         if self.tv_weight:

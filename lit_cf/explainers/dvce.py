@@ -182,8 +182,7 @@ class DVCE(DiffusionCounterfactual):
             cls, hparams = checkpoint_class(self.robust_classifier_path)
             if not (isinstance(cls, type) and issubclass(cls, ImageClassifier)):
                 raise UserError(
-                    f"robust_classifier {self.robust_classifier_path} holds a {hparams['_class_path']}, not a lit-cf "
-                    "classifier"
+                    f"robust_classifier {self.robust_classifier_path} holds a {hparams['_class_path']}, not a lit-cf classifier"
                 )
 
     def describe(self) -> dict[str, Any]:
@@ -251,7 +250,14 @@ class DVCE(DiffusionCounterfactual):
             return scale * (self.classifier_weight * unit_per_image(g_c) - self.distance_weight * unit_per_image(g_d))
 
         x0, stages = guided_sample(
-            d, x_start, timesteps, guide, noise, sampler=self.sampler, grad_through_denoiser=self.x0_prediction,
-            clip_denoised=self.clip_denoised, num_stages=self.num_stages,
+            d,
+            x_start,
+            timesteps,
+            guide,
+            noise,
+            sampler=self.sampler,
+            grad_through_denoiser=self.x0_prediction,
+            clip_denoised=self.clip_denoised,
+            num_stages=self.num_stages,
         )
         return d.to_image(x0).clamp(0, 1), self.stages_to_images(stages)

@@ -275,7 +275,9 @@ def run_explain(
     preds = probs.argmax(-1)
     if (labels < 0).any() and (select != "all" or target == "label"):
         rule = f"select: {select}" if select != "all" else "target: label"
-        raise UserError(f"{rule} needs labelled images, but these have none (a flat image folder): use class subfolders or another rule")
+        raise UserError(
+            f"{rule} needs labelled images, but these have none (a flat image folder): use class subfolders or another rule"
+        )
     if select != "all":
         keep = (preds == labels) if select == "correct" else (preds != labels)
         kept = keep.nonzero().flatten().tolist()
@@ -329,9 +331,7 @@ def run_explain(
         return rundir.root
 
     num_chunks = -(-len(records) // chunk_size)
-    loader = DataLoader(
-        ChunkDataset(data, records, chunk_size), batch_size=None, sampler=RankChunkSampler(rundir, num_chunks)
-    )
+    loader = DataLoader(ChunkDataset(data, records, chunk_size), batch_size=None, sampler=RankChunkSampler(rundir, num_chunks))
     writer = ChunkWriter(rundir, records)
     trainer.callbacks.append(writer)
     # explain needs autograd inside predict_step, and ranks keep their own chunks (no DistributedSampler)
@@ -373,4 +373,3 @@ def run_explain(
         f"grids: {', '.join(str(g) for g in grids)}"
     )
     return rundir.root
-

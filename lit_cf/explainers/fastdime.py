@@ -303,8 +303,12 @@ class FastDiME(DiffusionCounterfactual):
         # settings are validated by validate_settings() (describe/attach, before any output), not
         # here: LightningCLI would turn an error raised while it builds the method into a traceback
         super().__init__(
-            diffusion=diffusion, tau=tau, num_steps=num_steps, num_stages=num_stages,
-            allow_other_data=allow_other_data, log_every=log_every,
+            diffusion=diffusion,
+            tau=tau,
+            num_steps=num_steps,
+            num_stages=num_stages,
+            allow_other_data=allow_other_data,
+            log_every=log_every,
         )
         self.save_hyperparameters()
         self.clean_estimate, self.class_scales = clean_estimate, [float(s) for s in class_scales]
@@ -394,10 +398,24 @@ class FastDiME(DiffusionCounterfactual):
                 ref = [f[rows] for f in reference]
                 perceptual = lambda img, ref=ref: self.perceptual.distance(ref, img)  # noqa: E731
             x0, st, mf = fastdime_attempt(
-                counted, self.classifier, perceptual, x[rows], target[rows], seeds[rows], rows, a, scale, timesteps,
-                clean_estimate=self.clean_estimate, l1_weight=self.l1_weight, perceptual_weight=self.perceptual_weight,
-                mask_start=mask_start, mask_kernel=self.mask_kernel, mask_threshold=self.mask_threshold,
-                divide_by_sqrt_alpha_bar=self.divide_by_sqrt_alpha_bar, clip_denoised=self.clip_denoised,
+                counted,
+                self.classifier,
+                perceptual,
+                x[rows],
+                target[rows],
+                seeds[rows],
+                rows,
+                a,
+                scale,
+                timesteps,
+                clean_estimate=self.clean_estimate,
+                l1_weight=self.l1_weight,
+                perceptual_weight=self.perceptual_weight,
+                mask_start=mask_start,
+                mask_kernel=self.mask_kernel,
+                mask_threshold=self.mask_threshold,
+                divide_by_sqrt_alpha_bar=self.divide_by_sqrt_alpha_bar,
+                clip_denoised=self.clip_denoised,
                 stage_steps=steps_at,
             )
             with torch.no_grad():

@@ -38,7 +38,9 @@ def write_grids(rundir: Any, rows: list[dict[str, Any]], num_images: int, per_gr
     out_dir.mkdir(exist_ok=True)
     paths = []
     for g, start in enumerate(range(0, len(chosen), per_grid)):
-        grid = make_grid(comparison_rows(q[start : start + per_grid], c[start : start + per_grid]), nrow=3, padding=2, pad_value=0.5)
+        grid = make_grid(
+            comparison_rows(q[start : start + per_grid], c[start : start + per_grid]), nrow=3, padding=2, pad_value=0.5
+        )
         paths.append(save_png(grid, out_dir / f"grid-{g:03d}.png"))
     if stages and len(stages) == len(chosen):
         paths += _write_progressions(out_dir, q, torch.stack(stages).float(), per_grid)

@@ -96,9 +96,7 @@ class _LatentMethod(CounterfactualMethod):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         if original_prediction not in ORIGINAL_PREDICTION:
-            raise ValueError(
-                f"original_prediction must be one of {list(ORIGINAL_PREDICTION)}, got {original_prediction!r}"
-            )
+            raise ValueError(f"original_prediction must be one of {list(ORIGINAL_PREDICTION)}, got {original_prediction!r}")
         super().__init__(steps=steps, lr=lr, stop_probability=threshold, log_every=log_every)
         self.generator_path = str(generator)
         self.generator_hparams: dict[str, Any] | None = None  # set by check()
@@ -352,9 +350,7 @@ class LatentLinearEdit(_LatentMethod):
         w = LinearPredictors.load(self.direction_path).direction(self.descriptor).float()
         norm = float(w.norm())
         if not norm > 0:
-            raise UserError(
-                f"the direction of {self.descriptor!r} in {self.direction_path} is zero: refit the predictors"
-            )
+            raise UserError(f"the direction of {self.descriptor!r} in {self.direction_path} is zero: refit the predictors")
         latent_dim = (self.generator_hparams or {}).get("latent_dim")
         if isinstance(latent_dim, int) and latent_dim != w.numel():
             raise UserError(

@@ -90,8 +90,12 @@ def grouped_conv(x: Tensor, w: Tensor, b: Tensor, stride: int = 1) -> Tensor:
     cout, k = w.shape[1], w.shape[-1]
     if x.device.type != "cpu":
         out = F.conv2d(
-            x.reshape(1, n * cin, h, wd), w.reshape(n * cout, cin, k, k), b.reshape(n * cout),
-            stride=stride, padding=k // 2, groups=n,
+            x.reshape(1, n * cin, h, wd),
+            w.reshape(n * cout, cin, k, k),
+            b.reshape(n * cout),
+            stride=stride,
+            padding=k // 2,
+            groups=n,
         )
         return out.view(n, cout, out.shape[-2], out.shape[-1])
     cols = F.unfold(x, k, padding=k // 2, stride=stride)  # [B, Cin*k*k, L]
@@ -129,9 +133,14 @@ class DIPPrior(ImagePrior):
     def _shapes(self, out_channels: int) -> dict[str, tuple[int, ...]]:
         c, cn, cs = self.c, self.cn, self.cs
         layers = {
-            "e0": (c, cn, 3), "e1": (c, c, 3), "e2": (c, c, 3),
-            "s1": (cs, c, 1), "s0": (cs, c, 1),
-            "d1": (c, c + cs, 3), "d0": (c, c + cs, 3), "out": (out_channels, c, 1),
+            "e0": (c, cn, 3),
+            "e1": (c, c, 3),
+            "e2": (c, c, 3),
+            "s1": (cs, c, 1),
+            "s0": (cs, c, 1),
+            "d1": (c, c + cs, 3),
+            "d0": (c, c + cs, 3),
+            "out": (out_channels, c, 1),
         }
         shapes: dict[str, tuple[int, ...]] = {}
         for name, (cout, cin, k) in layers.items():
@@ -143,7 +152,7 @@ class DIPPrior(ImagePrior):
         n, ch, h, w = query.shape
         shapes = self._shapes(ch)
         bounds = {}
-        for name, shape in shapes.items():
+        for name in shapes:
             fan_in = math.prod(shapes[name[:-2] + ".w"][1:])
             # nn.Conv2d's default init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)) for weights and biases
             bounds[name] = 1.0 / math.sqrt(fan_in)

@@ -35,9 +35,7 @@ def mean_std(values: Tensor, correction: int = DEFAULT_STD_CORRECTION) -> tuple[
     return mean, values.std(correction=correction)
 
 
-def mean_std_dict(
-    name: str, state: Tensor | list[Tensor], correction: int = DEFAULT_STD_CORRECTION
-) -> dict[str, Tensor]:
+def mean_std_dict(name: str, state: Tensor | list[Tensor], correction: int = DEFAULT_STD_CORRECTION) -> dict[str, Tensor]:
     """``{f"{name}_mean": ..., f"{name}_std": ...}`` of a per-sample ``"cat"`` state (float32)."""
     mean, std = mean_std(cat_state(state), correction)
     return {f"{name}_mean": mean.float(), f"{name}_std": std.float()}

@@ -107,9 +107,7 @@ def perceptual_distance(
     raise ValueError(f"layer_reduction must be 'mean' or 'sum', got {layer_reduction!r}")
 
 
-def build_feature_fn(
-    feature_extractor: nn.Module | FeatureFn, layers: Sequence[str] | None
-) -> nn.Module | FeatureFn:
+def build_feature_fn(feature_extractor: nn.Module | FeatureFn, layers: Sequence[str] | None) -> nn.Module | FeatureFn:
     """The callable giving feature maps: hooks on ``layers`` of a module, or the extractor itself."""
     if layers is not None:
         if not isinstance(feature_extractor, nn.Module):

@@ -280,8 +280,6 @@ def reference_realism(
     }
 
 
-
-
 def evaluate_reference(
     feature_extractor: nn.Module,
     datamodule: Any,
@@ -305,8 +303,16 @@ def evaluate_reference(
     exclude = sorted({int(r["index"]) for r in run.manifest}) if same_split else []
     try:
         out = reference_realism(
-            feature_extractor, data, run.tensor("counterfactual"), run.tensor("query"),
-            torch.tensor([int(r["target"]) for r in run.manifest]), exclude, seed, size_factor, batch_size, device,
+            feature_extractor,
+            data,
+            run.tensor("counterfactual"),
+            run.tensor("query"),
+            torch.tensor([int(r["target"]) for r in run.manifest]),
+            exclude,
+            seed,
+            size_factor,
+            batch_size,
+            device,
         )
     except ValueError as err:
         raise UserError(
@@ -340,8 +346,12 @@ def reference_rows(entries: Sequence[tuple[str, Any, dict[str, Any]]], label: st
     rows = []
     for name, overall in groups.values():
         suffix = f" [{name}]" if len(groups) > 1 else ""
-        rows.append({label: f"no edit (queries){suffix}", "n": overall.get("n"), "fid_real_domain": overall["fid_real_domain_no_edit"]})
-        rows.append({label: f"real floor{suffix}", "n": overall.get("floor_n"), "fid_real_domain": overall["fid_real_domain_floor"]})
+        rows.append(
+            {label: f"no edit (queries){suffix}", "n": overall.get("n"), "fid_real_domain": overall["fid_real_domain_no_edit"]}
+        )
+        rows.append(
+            {label: f"real floor{suffix}", "n": overall.get("floor_n"), "fid_real_domain": overall["fid_real_domain_floor"]}
+        )
     return rows
 
 

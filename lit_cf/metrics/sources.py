@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from lit_cf.errors import UserError
-from lit_cf.runs import ExplainRun
 from lit_cf.models.base import ImageClassifier
 from lit_cf.models.external import ExternalClassifier, classifier_identity, load_classifier
+from lit_cf.runs import ExplainRun
 from lit_cf.utils.checkpoint import file_sha256
 
 
@@ -84,7 +84,10 @@ def run_classifier(
         raise UserError(f"run {name} explained a different classifier than {path} (checksum differs)")
     source: Any = path
     if kind == "torchscript":  # normalisation and output kind are data, safe to take from the run
-        source = {"path": path, **{k: recorded[k] for k in ("input_mean", "input_std", "output", "class_names") if recorded.get(k) is not None}}
+        source = {
+            "path": path,
+            **{k: recorded[k] for k in ("input_mean", "input_std", "output", "class_names") if recorded.get(k) is not None},
+        }
     model, info = load_source(source, example, device)
     return model, info, classifier_identity(recorded)
 

@@ -235,7 +235,10 @@ def evaluate_run(
     if desc_q_all:
         result.update(_attributions(torch.cat(desc_q_all), torch.cat(desc_cf_all), target_all, list(descriptors.names)))
     for (s, t), ms in sorted(pairs.items()):
-        result["per_pair"][f"{s}->{t}"] = {"n": int(((source_all == s) & (target_all == t)).sum()), **_summarise(ms, oracles, classifier_sha)}
+        result["per_pair"][f"{s}->{t}"] = {
+            "n": int(((source_all == s) & (target_all == t)).sum()),
+            **_summarise(ms, oracles, classifier_sha),
+        }
     seconds = [r.get("seconds", float("nan")) for r in run.manifest]
     steps = [r.get("steps", float("nan")) for r in run.manifest]
     mem = [r["peak_memory_mb"] for r in run.manifest if "peak_memory_mb" in r]
@@ -292,7 +295,8 @@ def _seed_groups(loaded: list[tuple[str, ExplainRun, str, str]]) -> list[list[tu
         _, run, _, sha = item
         key = json.dumps(
             [run.meta.get("method"), sha, run.meta.get("split"), [(r["index"], r["target"]) for r in run.manifest]],
-            sort_keys=True, default=str,
+            sort_keys=True,
+            default=str,
         )
         groups.setdefault(key, []).append(item)
     return [g for g in groups.values() if len({it[1].meta.get("seed") for it in g}) >= 2]
@@ -371,10 +375,30 @@ def _ground_truth(change: Tensor, error: Tensor, names: list[str]) -> dict[str, 
 
 
 TABLE_COLUMNS = (
-    "n", "flip_rate", "tconf_mean", "oa", "ota_mean", "os_mean", "l1_mean", "l1.5_mean", "l2_mean",
-    "perceptual_domain_mean", "fid_domain", "sfid_domain", "fid_real_domain", "duq_certainty_cf_mean", "cout_mean",
-    "mnac_mean", "cd", "gt_nuisance_change", "gt_style_change", "diversity_perceptual_domain_mean", "diversity_l1_mean",
-    "seconds_per_cf_mean", "steps_mean", "stopping",
+    "n",
+    "flip_rate",
+    "tconf_mean",
+    "oa",
+    "ota_mean",
+    "os_mean",
+    "l1_mean",
+    "l1.5_mean",
+    "l2_mean",
+    "perceptual_domain_mean",
+    "fid_domain",
+    "sfid_domain",
+    "fid_real_domain",
+    "duq_certainty_cf_mean",
+    "cout_mean",
+    "mnac_mean",
+    "cd",
+    "gt_nuisance_change",
+    "gt_style_change",
+    "diversity_perceptual_domain_mean",
+    "diversity_l1_mean",
+    "seconds_per_cf_mean",
+    "steps_mean",
+    "stopping",
 )
 
 
@@ -410,7 +434,11 @@ def run_evaluate(
     run_names = list(names) if names else [Path(r).name for r in runs]
     if len(set(run_names)) != len(run_names):
         raise UserError(f"run names must be unique, got {run_names}: pass names: [...] to tell the runs apart")
-    for key, value, low in (("batch_size", batch_size, 1), ("cout_steps", cout_steps, 1), ("num_grid_images", num_grid_images, 0)):
+    for key, value, low in (
+        ("batch_size", batch_size, 1),
+        ("cout_steps", cout_steps, 1),
+        ("num_grid_images", num_grid_images, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"{key} must be an integer >= {low}, got {value}")
     if not str(output_dir).strip():
@@ -465,8 +493,19 @@ def run_evaluate(
     for name, run, ckpt, sha in loaded:
         model = run_models[name]
         res = evaluate_run(
-            name, run, model, oracle_models, sha, feature_net, duq_model, device, batch_size, cout_steps,
-            descriptor_model, datamodule, feature_parts,
+            name,
+            run,
+            model,
+            oracle_models,
+            sha,
+            feature_net,
+            duq_model,
+            device,
+            batch_size,
+            cout_steps,
+            descriptor_model,
+            datamodule,
+            feature_parts,
         )
         res["meta"] = {"run": str(Path(run.dir.root).resolve()), "method": run.meta.get("method"), "classifier": ckpt}
         res["overall"].update(stopping_summary(run))
@@ -480,9 +519,7 @@ def run_evaluate(
         sections.append(_section(name, run, res, num_grid_images, GridRow, ReportSection))
     for group in _seed_groups(loaded):
         diversity = (
-            Diversity(feature_extractor=feature_parts[0], layers=feature_parts[1])
-            if feature_net is not None
-            else Diversity()
+            Diversity(feature_extractor=feature_parts[0], layers=feature_parts[1]) if feature_net is not None else Diversity()
         )
         diversity.update(torch.stack([run.tensor("counterfactual").float() for _, run, _, _ in group], dim=1))
         value = _as_float(diversity.compute())
@@ -490,11 +527,16 @@ def run_evaluate(
             results[name]["overall"].update(value)
             results[name]["overall"]["diversity_runs"] = len(group)
     table = [{"method": n, **{c: r["overall"].get(c, float("nan")) for c in TABLE_COLUMNS}} for n, r in results.items()]
-    oracle_cols = sorted({k for r in results.values() for k in r["overall"] if k.startswith(("ota_", "os_"))} - {"ota_mean", "os_mean"})
+    oracle_cols = sorted(
+        {k for r in results.values() for k in r["overall"] if k.startswith(("ota_", "os_"))} - {"ota_mean", "os_mean"}
+    )
     for row, r in zip(table, results.values()):
         row.update({k: r["overall"].get(k, float("nan")) for k in oracle_cols})
     table += reference_rows(
-        [(n, json.dumps([r.meta.get("split"), [(m["index"], m["target"]) for m in r.manifest]]), results[n]["overall"]) for n, r, _, _ in loaded]
+        [
+            (n, json.dumps([r.meta.get("split"), [(m["index"], m["target"]) for m in r.manifest]]), results[n]["overall"])
+            for n, r, _, _ in loaded
+        ]
     )
     columns = list(dict.fromkeys(k for row in table for k in row))
     table = [{c: row.get(c) for c in columns} for row in table]  # None where a row has no value
@@ -539,7 +581,8 @@ def run_evaluate(
             for rname, r in results.items():
                 if "global_attributions" in r:
                     logger.log_table(
-                        key=f"evaluate/{rname}/global_attributions", columns=["descriptor", "score", "ci_low", "ci_high"],
+                        key=f"evaluate/{rname}/global_attributions",
+                        columns=["descriptor", "score", "ci_low", "ci_high"],
                         data=[list(x) for x in r["global_attributions"]],
                     )
             for section in sections:
@@ -561,7 +604,8 @@ def _section(name: str, run: ExplainRun, res: dict[str, Any], k: int, GridRow, R
         r = run.manifest[i]
         local = res.get("local_attributions")
         return GridRow(
-            query=query[i].float(), counterfactual=cf[i].float(),
+            query=query[i].float(),
+            counterfactual=cf[i].float(),
             caption=f"#{r['index']} {r['orig_pred']}->{r['target']}: {why}",
             attributions=[(n, float(v)) for n, v in local[i]] if local else None,
         )
@@ -569,7 +613,10 @@ def _section(name: str, run: ExplainRun, res: dict[str, Any], k: int, GridRow, R
     valid = [r for r in recs if r["valid"]]
     best = sorted(valid, key=lambda r: r["l2"])[:k]
     worst = sorted(recs, key=lambda r: (r["valid"], r["target_conf"]))[:k]
-    per_pair = [{"pair": p, **{c: v.get(c, float("nan")) for c in ("n", "flip_rate", "ota_mean", "l2_mean")}} for p, v in res["per_pair"].items()]
+    per_pair = [
+        {"pair": p, **{c: v.get(c, float("nan")) for c in ("n", "flip_rate", "ota_mean", "l2_mean")}}
+        for p, v in res["per_pair"].items()
+    ]
     return ReportSection(
         name=name,
         grid_rows=[row(i, f"target p={recs[i]['target_conf']:.2f}") for i in range(min(k, len(recs)))],

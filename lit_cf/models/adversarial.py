@@ -45,9 +45,7 @@ class PGD:
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
         return self.step_size * grad / norms
 
-    def __call__(
-        self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
+    def __call__(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return adversarial images ``x + delta`` (detached) that increase the CE of ``model``."""
         x = x.detach()
         if self.random_start:

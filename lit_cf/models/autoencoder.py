@@ -122,8 +122,12 @@ class AutoEncoder(L.LightningModule):
 
     def _eval(self, batch: dict[str, Any], prefix: str) -> None:
         terms = self.loss(batch["image"])
-        self.log_dict({f"{prefix}/{k}": v for k, v in terms.items()}, prog_bar=prefix == "val",
-                      batch_size=len(batch["image"]), sync_dist=True)
+        self.log_dict(
+            {f"{prefix}/{k}": v for k, v in terms.items()},
+            prog_bar=prefix == "val",
+            batch_size=len(batch["image"]),
+            sync_dist=True,
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval(batch, "val")

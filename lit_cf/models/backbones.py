@@ -59,7 +59,9 @@ class ConvNet(nn.Module):
             layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             c_prev, size = c, (size + 2 * pad - 2) // 2
             if size < 1:
-                raise ValueError(f"ConvNet: a {image_size}px input shrinks to nothing at block {block}; use fewer blocks or more padding")
+                raise ValueError(
+                    f"ConvNet: a {image_size}px input shrinks to nothing at block {block}; use fewer blocks or more padding"
+                )
         self.features = nn.Sequential(*layers)
         self.fc = nn.Sequential(
             nn.Flatten(),

@@ -12,7 +12,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 
-
 class DescriptorPredictor(L.LightningModule):
     """Backbone + linear head predicting one value per descriptor of an image.
 

@@ -75,9 +75,7 @@ def x0_from_eps(x_t: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> 
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def ddpm_posterior(
-    x_t: Tensor, x0_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor
-) -> tuple[Tensor, Tensor]:
+def ddpm_posterior(x_t: Tensor, x0_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and variance of ``q(x_{t_prev} | x_t, x0_hat)`` on a respaced grid (``t_prev = -1``: clean).
 
     With ``beta' = 1 - a_t / a_prev``: mean ``= sqrt(a_prev) beta' / (1 - a_t) x0_hat +
@@ -213,7 +211,9 @@ class DiffusionModel(L.LightningModule):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
-        respaced_timesteps(num_train_timesteps, round_trip_tau, min(round_trip_steps, max(1, round(round_trip_tau * num_train_timesteps))))
+        respaced_timesteps(
+            num_train_timesteps, round_trip_tau, min(round_trip_steps, max(1, round(round_trip_tau * num_train_timesteps)))
+        )
         self.image_shape: tuple[int, int, int] = image_shape  # type: ignore[assignment]
         self.model_size, self.resize, self.pad_value = model_size, resize, pad_value
         self.num_train_timesteps = num_train_timesteps
@@ -452,15 +452,17 @@ def round_trip_scores(
     """
     device = model.alphas_cumprod.device
     noise = torch.randn((len(images), *model.model_shape), generator=torch.Generator().manual_seed(seed))
-    preds = torch.cat([classifier(images[i : i + batch_size].to(device)).argmax(-1).cpu()
-                       for i in range(0, len(images), batch_size)])
+    preds = torch.cat(
+        [classifier(images[i : i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(images), batch_size)]
+    )
     scores = {}
     for tau in taus:
         kept = 0
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(device)
-            out = model.round_trip(x, tau, min(num_steps, round(tau * model.num_train_timesteps)),
-                                   noise[i : i + batch_size].to(device))
+            out = model.round_trip(
+                x, tau, min(num_steps, round(tau * model.num_train_timesteps)), noise[i : i + batch_size].to(device)
+            )
             kept += int((classifier(out).argmax(-1).cpu() == preds[i : i + batch_size]).sum())
         scores[float(tau)] = kept / max(1, len(images))
     return scores

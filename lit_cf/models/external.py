@@ -244,7 +244,9 @@ def load_weights(module: nn.Module, state: Mapping[str, Tensor], where: str | Pa
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
@@ -342,11 +344,16 @@ def load_classifier(source: ClassifierSource, example: Tensor | None = None) -> 
     if unknown:
         raise UserError(f"unknown classifier keys {unknown}; known: {list(MAPPING_KEYS)}")
     if ("module" in spec) == ("path" in spec):
-        raise UserError("a classifier mapping needs exactly one of `path` (a .ckpt or TorchScript file) or `module` (+ `weights`)")
+        raise UserError(
+            "a classifier mapping needs exactly one of `path` (a .ckpt or TorchScript file) or `module` (+ `weights`)"
+        )
     if "path" in spec:
         path = Path(str(spec["path"]))
         if not path.is_file():
-            raise UserError(f"classifier checkpoint not found: {path} (give a lit-cf .ckpt, a TorchScript file, or a mapping with module + weights)")
+            raise UserError(
+                f"classifier checkpoint not found: {path} "
+                "(give a lit-cf .ckpt, a TorchScript file, or a mapping with module + weights)"
+            )
         info = {"kind": "torchscript", "path": str(path.resolve()), "sha256": file_sha256(path)}
         if is_torchscript(path):
             net = _load_torchscript(path)
@@ -362,7 +369,9 @@ def load_classifier(source: ClassifierSource, example: Tensor | None = None) -> 
         }
         return freeze(model), info
     if spec.get("weights") in (None, ""):
-        raise UserError("a classifier mapping with `module` needs `weights` (.safetensors, a weights-only .pt/.pth, or TorchScript)")
+        raise UserError(
+            "a classifier mapping with `module` needs `weights` (.safetensors, a weights-only .pt/.pth, or TorchScript)"
+        )
     module, class_path = _build_module(spec["module"])
     weights = Path(str(spec["weights"]))
     load_weights(module, read_state_dict(weights), weights)
@@ -370,7 +379,9 @@ def load_classifier(source: ClassifierSource, example: Tensor | None = None) -> 
     return _wrap(module, spec, example, info)
 
 
-def _wrap(net: Any, spec: Mapping[str, Any], example: Tensor | None, info: dict[str, Any]) -> tuple[ExternalClassifier, dict[str, Any]]:
+def _wrap(
+    net: Any, spec: Mapping[str, Any], example: Tensor | None, info: dict[str, Any]
+) -> tuple[ExternalClassifier, dict[str, Any]]:
     output = str(spec.get("output") or "logits")
     if output not in OUTPUTS:
         raise UserError(f"classifier output must be one of {list(OUTPUTS)}, got {output!r}")

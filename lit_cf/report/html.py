@@ -209,9 +209,7 @@ def _attribution_rows(attributions: Sequence[Sequence[Any]]) -> list[tuple[str, 
     rows = []
     for i, entry in enumerate(attributions):
         if len(entry) != 4:
-            raise ValueError(
-                f"global attribution {i} must be (name, score, ci_low, ci_high), got {len(entry)} values"
-            )
+            raise ValueError(f"global attribution {i} must be (name, score, ci_low, ci_high), got {len(entry)} values")
         name, score, lo, hi = entry
         rows.append((str(name), *(_float_or_nan(v) for v in (score, lo, hi))))
     # strongest first; NaN scores last
@@ -234,8 +232,7 @@ def _attribution_figure(rows: list[tuple[str, float, float, float]]) -> str:
     lower = [max(s - lo, 0.0) if math.isfinite(s) and math.isfinite(lo) else 0.0 for _, s, lo, _ in shown]
     upper = [max(hi - s, 0.0) if math.isfinite(s) and math.isfinite(hi) else 0.0 for _, s, _, hi in shown]
     colours = [POSITIVE_COLOUR if s >= 0 else NEGATIVE_COLOUR for s in scores]
-    ax.barh(y, scores, xerr=[lower, upper], color=colours, alpha=0.85, ecolor="#222222", capsize=2,
-            error_kw={"elinewidth": 0.8})
+    ax.barh(y, scores, xerr=[lower, upper], color=colours, alpha=0.85, ecolor="#222222", capsize=2, error_kw={"elinewidth": 0.8})
     ax.set_yticks(y, [_plain(name, 32) for name, *_ in shown], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="#333333", linewidth=0.6)
@@ -270,10 +267,7 @@ def _data_table(rows: list[dict[str, Any]], cls: str = "data") -> str:
             klass = ' class="num"' if numeric and i > 0 else ""
             cells.append(f"<{tag}{scope}{klass}>{_e(format_value(v))}</{tag}>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (
-        f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-    )
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _meta_table(meta: dict[str, Any]) -> str:
@@ -324,29 +318,32 @@ def _grid_html(rows: list[GridRow], where: str) -> str:
         notes = f'<div class="caption">{_e(row.caption)}</div>{_attribution_list(row.attributions)}'
         body.append(f'<tr>{"".join(cells)}<td class="notes">{notes}</td></tr>')
     head = "".join(f'<th scope="col">{h}</th>' for h in ("Query", "Counterfactual", "Difference", "Notes"))
-    return (
-        f'<div class="scroll"><table class="grid"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-    )
+    return f'<div class="scroll"><table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _section_html(index: int, section: ReportSection) -> str:
     where = f"section {section.name!r}"
     parts = [f'<section class="run" id="run-{index}"><h2>{_e(section.name)}</h2>']
-    for heading, rows, key in (("Examples", section.grid_rows, "examples"), ("Best cases", section.best, "best"),
-                               ("Worst cases", section.worst, "worst")):
+    for heading, rows, key in (
+        ("Examples", section.grid_rows, "examples"),
+        ("Best cases", section.best, "best"),
+        ("Worst cases", section.worst, "worst"),
+    ):
         if rows:
             parts.append(f"<h3>{heading}</h3>{_grid_html(list(rows), f'{where}, {key}')}")
     if section.per_pair:
         parts.append(f"<h3>Per source &rarr; target pair</h3>{_data_table(list(section.per_pair))}")
     if section.global_attributions:
         rows = _attribution_rows(section.global_attributions)
-        note = (f'<figcaption>Top {MAX_ATTRIBUTION_BARS} of {len(rows)} descriptors by |score|.</figcaption>'
-                if len(rows) > MAX_ATTRIBUTION_BARS else "")
+        note = (
+            f"<figcaption>Top {MAX_ATTRIBUTION_BARS} of {len(rows)} descriptors by |score|.</figcaption>"
+            if len(rows) > MAX_ATTRIBUTION_BARS
+            else ""
+        )
         table = [{"descriptor": n, "score": s, "ci low": lo, "ci high": hi} for n, s, lo, hi in rows]
         parts.append(
             "<h3>Global attributions</h3>"
-            f'<figure>{_img(_attribution_figure(rows), f"global attributions of {section.name}", cls="plot")}{note}'
+            f"<figure>{_img(_attribution_figure(rows), f'global attributions of {section.name}', cls='plot')}{note}"
             "</figure>"
             f"<details><summary>Values</summary>{_data_table(table)}</details>"
         )
@@ -404,7 +401,7 @@ def render_report(title: str, table: list[dict[str, Any]], sections: list[Report
         parts.append(f"<nav><ul>{links}</ul></nav>")
     parts.append(f'<section id="comparison"><h2>Comparison</h2>{_data_table(table)}')
     for uri, metrics in _metric_figures(table, label_column):
-        parts.append(f'<figure>{_img(uri, "bar charts of " + ", ".join(metrics), cls="plot")}</figure>')
+        parts.append(f"<figure>{_img(uri, 'bar charts of ' + ', '.join(metrics), cls='plot')}</figure>")
     parts.append("</section>")
     if any(s.grid_rows or s.best or s.worst for s in sections):
         parts.append(

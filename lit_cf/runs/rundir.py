@@ -295,7 +295,9 @@ class RunDir:
         if not ok:
             raise RunIntegrityError(f"{rows_path} is damaged (its commit line or checksum does not match); {hint}")
         rows = parse_rows(body.decode(), rows_path)
-        if len(rows) != commit.get("num_rows") or any(r["row"] != i or r["shard"] != tensor_path.name for i, r in enumerate(rows)):
+        if len(rows) != commit.get("num_rows") or any(
+            r["row"] != i or r["shard"] != tensor_path.name for i, r in enumerate(rows)
+        ):
             raise RunIntegrityError(f"{rows_path} is damaged (rows do not match its commit line); {hint}")
         if expected is not None and [[r[k] for k in PLAN_KEYS] for r in rows] != [[r[k] for k in PLAN_KEYS] for r in expected]:
             raise RunIntegrityError(f"{rows_path} holds other records than planned for chunk {chunk}; {hint}")
@@ -422,7 +424,9 @@ class ExplainRun:
         rows = [r["row"] for r in self.manifest if r["shard"] == name]
         sizes = {len(t) for t in shard.values() if t.dim() > 0}
         if not shard or max(rows) >= min(sizes, default=0):
-            raise RunIntegrityError(f"{self.dir.shards / name} holds fewer rows than the manifest names; {_redo_hint(self.dir.root)}")
+            raise RunIntegrityError(
+                f"{self.dir.shards / name} holds fewer rows than the manifest names; {_redo_hint(self.dir.root)}"
+            )
         return shard
 
     def verify(self) -> None:

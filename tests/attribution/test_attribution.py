@@ -32,7 +32,6 @@ from lit_cf.models import DescriptorPredictor
 from lit_cf.utils.checkpoint import load_module
 from tests.conftest import CONFIGS, fit_checkpoint
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -202,8 +201,13 @@ def test_global_attribution_per_class():
     assert out[1][0][:2] == ("y", pytest.approx(8.0 / 3)) and out[1][1][1] == 0
     # each class is resampled on its own: adding another class does not change class 7
     more = global_attribution(
-        torch.zeros(8, 2), torch.cat([cf, torch.ones(2, 2)]), torch.cat([signs, torch.ones(2)]), ["x", "y"],
-        n_boot=100, seed=0, group=torch.cat([group, torch.tensor([3, 3])]),
+        torch.zeros(8, 2),
+        torch.cat([cf, torch.ones(2, 2)]),
+        torch.cat([signs, torch.ones(2)]),
+        ["x", "y"],
+        n_boot=100,
+        seed=0,
+        group=torch.cat([group, torch.tensor([3, 3])]),
     )
     assert more[7] == out[7]
 
@@ -225,12 +229,23 @@ def explain_towards_7(classifier: Path, out: Path, num_queries: int, l1_weight: 
     large and most counterfactuals never reach the target."""
     main(
         [
-            "explain", *EXPLAIN_DATA, f"--config={CONFIGS / 'explain/pixel.yaml'}",
-            "--model.init_args.steps=300", "--model.init_args.lr=0.01", f"--model.init_args.l1_weight={l1_weight}",
+            "explain",
+            *EXPLAIN_DATA,
+            f"--config={CONFIGS / 'explain/pixel.yaml'}",
+            "--model.init_args.steps=300",
+            "--model.init_args.lr=0.01",
+            f"--model.init_args.l1_weight={l1_weight}",
             "--model.init_args.stop_probability=0.5",
-            "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={out.parent}", f"--classifier={classifier}", f"--output_dir={out}",
-            f"--num_queries={num_queries}", f"--chunk_size={num_queries}", "--target=7", "--on_source_equals_target=skip",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out.parent}",
+            f"--classifier={classifier}",
+            f"--output_dir={out}",
+            f"--num_queries={num_queries}",
+            f"--chunk_size={num_queries}",
+            "--target=7",
+            "--on_source_equals_target=skip",
         ]
     )
     return ExplainRun(out)
@@ -240,8 +255,11 @@ def fit_regressor(workdir: Path, epochs: int) -> Path:
     # the auxiliary descriptor data is balanced for the mark (rate 0.5): few marked images
     # (rate 0.1) leave a regressor that barely reads the mark after a few dozen steps
     return fit_checkpoint(
-        workdir, "model/factor_regressor.yaml", "--data.init_args.mark_rate=0.5",
-        f"--trainer.max_epochs={epochs}", "--trainer.limit_val_batches=0",
+        workdir,
+        "model/factor_regressor.yaml",
+        "--data.init_args.mark_rate=0.5",
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.limit_val_batches=0",
     )
 
 
@@ -314,10 +332,18 @@ def tiny_autoencoder(workdir: Path) -> Path:
     to reconstruct the digits; at lr 2e-3 and above it sometimes collapses to a constant image
     in the first steps (the seeds used here do not)."""
     return fit_checkpoint(
-        workdir, "model/autoencoder.yaml", "--data.init_args.mark_rate=0.5", "--data.init_args.train_size=4096",
-        "--data.init_args.batch_size=32", "--trainer.max_epochs=4", "--trainer.limit_train_batches=125",
-        "--trainer.limit_val_batches=0", "--model.init_args.channels=[8,16,32]", "--model.init_args.latent_dim=32",
-        "--model.init_args.optimizer.init_args.lr=0.002", "--model.init_args.output_activation=identity",
+        workdir,
+        "model/autoencoder.yaml",
+        "--data.init_args.mark_rate=0.5",
+        "--data.init_args.train_size=4096",
+        "--data.init_args.batch_size=32",
+        "--trainer.max_epochs=4",
+        "--trainer.limit_train_batches=125",
+        "--trainer.limit_val_batches=0",
+        "--model.init_args.channels=[8,16,32]",
+        "--model.init_args.latent_dim=32",
+        "--model.init_args.optimizer.init_args.lr=0.002",
+        "--model.init_args.output_activation=identity",
     )
 
 
@@ -329,13 +355,25 @@ def latent_attack_towards_7(classifier: Path, generator: Path, out: Path, num_qu
     classifiers (the script's 1.5 suits its confident ones)."""
     main(
         [
-            "explain", *EXPLAIN_DATA, f"--config={CONFIGS / 'explain/latent_attack.yaml'}",
-            f"--model.init_args.generator={generator}", "--model.init_args.steps=200", "--model.init_args.threshold=0.5",
-            "--model.init_args.loss=log_prob", "--model.init_args.pixel_weight=0.1",
+            "explain",
+            *EXPLAIN_DATA,
+            f"--config={CONFIGS / 'explain/latent_attack.yaml'}",
+            f"--model.init_args.generator={generator}",
+            "--model.init_args.steps=200",
+            "--model.init_args.threshold=0.5",
+            "--model.init_args.loss=log_prob",
+            "--model.init_args.pixel_weight=0.1",
             "--model.init_args.original_prediction=reconstruction",
-            "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={out.parent}", f"--classifier={classifier}", f"--output_dir={out}",
-            f"--num_queries={num_queries}", f"--chunk_size={num_queries}", "--target=7", "--on_source_equals_target=skip",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out.parent}",
+            f"--classifier={classifier}",
+            f"--output_dir={out}",
+            f"--num_queries={num_queries}",
+            f"--chunk_size={num_queries}",
+            "--target=7",
+            "--on_source_equals_target=skip",
         ]
     )
     return ExplainRun(out)

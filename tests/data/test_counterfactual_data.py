@@ -15,13 +15,26 @@ from tests.conftest import CONFIGS
 @pytest.fixture(scope="module")
 def pixel_run(cnn_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("cfdata") / "run"
-    main([
-        "explain", f"--config={CONFIGS / 'data/rendered.yaml'}", "--data.init_args.train_size=64",
-        "--data.init_args.val_size=32", "--data.init_args.test_size=32", f"--config={CONFIGS / 'explain/pixel.yaml'}",
-        "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        f"--classifier={cnn_ckpt}", f"--output_dir={out}", "--split=val", "--num_queries=6", "--target=[1,2]",
-        "--on_source_equals_target=skip", "--model.init_args.steps=5",
-    ])
+    main(
+        [
+            "explain",
+            f"--config={CONFIGS / 'data/rendered.yaml'}",
+            "--data.init_args.train_size=64",
+            "--data.init_args.val_size=32",
+            "--data.init_args.test_size=32",
+            f"--config={CONFIGS / 'explain/pixel.yaml'}",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--classifier={cnn_ckpt}",
+            f"--output_dir={out}",
+            "--split=val",
+            "--num_queries=6",
+            "--target=[1,2]",
+            "--on_source_equals_target=skip",
+            "--model.init_args.steps=5",
+        ]
+    )
     return out
 
 
@@ -46,10 +59,19 @@ def test_pool_labels_are_the_teachers_predictions(pixel_run):
 
 
 def test_fit_a_student_on_counterfactuals(pixel_run, tmp_path):
-    main([
-        "fit", "--data=lit_cf.data.CounterfactualDataModule", f"--data.init_args.runs=[{pixel_run}]",
-        "--data.init_args.num_classes=10", "--data.init_args.batch_size=8", f"--config={CONFIGS / 'model/cnn.yaml'}",
-        f"--config={CONFIGS / 'trainer/smoke.yaml'}", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.max_epochs=1", "--sample_grid.num_samples=0",
-    ])
+    main(
+        [
+            "fit",
+            "--data=lit_cf.data.CounterfactualDataModule",
+            f"--data.init_args.runs=[{pixel_run}]",
+            "--data.init_args.num_classes=10",
+            "--data.init_args.batch_size=8",
+            f"--config={CONFIGS / 'model/cnn.yaml'}",
+            f"--config={CONFIGS / 'trainer/smoke.yaml'}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--sample_grid.num_samples=0",
+        ]
+    )
     assert list(tmp_path.rglob("*.ckpt"))

@@ -80,7 +80,11 @@ def test_empty_or_missing_folder(tmp_path, layout, match):
 
 def test_bad_settings(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=1, size=8)
-    for kwargs, match in (({"channels": 2}, "channels"), ({"on_error": "ignore"}, "on_error"), ({"test_fraction": 0.7, "val_fraction": 0.4}, "sum")):
+    for kwargs, match in (
+        ({"channels": 2}, "channels"),
+        ({"on_error": "ignore"}, "on_error"),
+        ({"test_fraction": 0.7, "val_fraction": 0.4}, "sum"),
+    ):
         with pytest.raises(UserError, match=match):
             ImageFolderDataModule(str(root), **kwargs)
     with pytest.raises(UserError, match="split 'val'.*is empty"):
@@ -94,15 +98,24 @@ def test_flat_folder_label_rules_are_clear_errors(tmp_path, capsys):
     root = write_image_folder(tmp_path / "flat", per_class=2, size=16, flat=True)
     torch.manual_seed(0)
     save_file(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "m.safetensors")
-    clf = f"{{module: {{class_path: torchvision.models.resnet18, init_args: {{num_classes: 3}}}}, weights: {tmp_path / 'm.safetensors'}}}"
+    module = "{class_path: torchvision.models.resnet18, init_args: {num_classes: 3}}"
+    clf = f"{{module: {module}, weights: {tmp_path / 'm.safetensors'}}}"
     base = [
-        "explain", f"--config={CONFIGS / 'data/image_folder.yaml'}", f"--data.init_args.root={root}", "--data.init_args.image_size=16",
-        f"--config={CONFIGS / 'explain/pixel.yaml'}", "--model.init_args.steps=2", "--split=all", "--trainer.logger=false",
+        "explain",
+        f"--config={CONFIGS / 'data/image_folder.yaml'}",
+        f"--data.init_args.root={root}",
+        "--data.init_args.image_size=16",
+        f"--config={CONFIGS / 'explain/pixel.yaml'}",
+        "--model.init_args.steps=2",
+        "--split=all",
+        "--trainer.logger=false",
         f"--classifier={clf}",
     ]
-    for extra, match in ((["--target=label"], "target: label needs labelled images"),
-                         (["--select=correct"], "select: correct needs labelled images"),
-                         (["--source_class=1"], "source_class needs labelled images")):
+    for extra, match in (
+        (["--target=label"], "target: label needs labelled images"),
+        (["--select=correct"], "select: correct needs labelled images"),
+        (["--source_class=1"], "source_class needs labelled images"),
+    ):
         out = tmp_path / "run"
         with pytest.raises(SystemExit) as exc:
             main([*base, f"--output_dir={out}", *extra])

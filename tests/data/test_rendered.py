@@ -171,8 +171,9 @@ def test_slant_scale_and_intensity() -> None:
         idx = torch.arange(28, dtype=torch.float32)
         return (rows * idx).amax(1) - torch.where(rows > 0, idx, torch.tensor(99.0)).amin(1)
 
-    assert (height(render_digits(labels, _base_factors(10, scale=1.1)))
-            > height(render_digits(labels, _base_factors(10, scale=0.85)))).all()
+    assert (
+        height(render_digits(labels, _base_factors(10, scale=1.1))) > height(render_digits(labels, _base_factors(10, scale=0.85)))
+    ).all()
     # intensity scales the ink and leaves the shape
     bright = render_digits(labels, _base_factors(10, intensity=1.0))
     dim = render_digits(labels, _base_factors(10, intensity=0.5))
@@ -219,8 +220,7 @@ def test_shortcut_strength_one_marks_exactly_the_class() -> None:
 
 
 def test_shortcut_strength_zero_is_base_rate_for_every_class() -> None:
-    labels, factors = sample_factors(torch.arange(10000), "train", seed=0, shortcut_class=3,
-                                     shortcut_strength=0.0, mark_rate=0.1)
+    labels, factors = sample_factors(torch.arange(10000), "train", seed=0, shortcut_class=3, shortcut_strength=0.0, mark_rate=0.1)
     mark = factors[:, COL["mark"]]
     assert abs(mark.mean().item() - 0.1) < 0.015
     for c in range(10):
@@ -229,16 +229,14 @@ def test_shortcut_strength_zero_is_base_rate_for_every_class() -> None:
 
 def test_shortcut_intermediate_strength_follows_rule() -> None:
     s, q = 0.5, 0.2
-    labels, factors = sample_factors(torch.arange(10000), "train", seed=2, shortcut_class=7,
-                                     shortcut_strength=s, mark_rate=q)
+    labels, factors = sample_factors(torch.arange(10000), "train", seed=2, shortcut_class=7, shortcut_strength=s, mark_rate=q)
     mark = factors[:, COL["mark"]]
     assert abs(mark[labels == 7].mean().item() - (s + (1 - s) * q)) < 0.05
     assert abs(mark[labels != 7].mean().item() - (1 - s) * q) < 0.02
 
 
 def test_intensity_shortcut() -> None:
-    ds = RenderedDigits(1000, "train", seed=0, shortcut_class=1, shortcut_strength=1.0,
-                        shortcut_factor="intensity")
+    ds = RenderedDigits(1000, "train", seed=0, shortcut_class=1, shortcut_strength=1.0, shortcut_factor="intensity")
     high = ds.factors[:, COL["intensity"]] >= INTENSITY_HIGH
     assert torch.equal(high, ds.labels == 1)
     assert torch.equal(ds.shortcut_state, high)
@@ -249,8 +247,9 @@ def test_intensity_shortcut() -> None:
 
 
 def test_datamodule_clean_and_shortcut_splits() -> None:
-    dm = RenderedDigitsDataModule(train_size=1000, val_size=500, test_size=1000, shortcut_class=4,
-                                  shortcut_strength=1.0, batch_size=64, seed=5)
+    dm = RenderedDigitsDataModule(
+        train_size=1000, val_size=500, test_size=1000, shortcut_class=4, shortcut_strength=1.0, batch_size=64, seed=5
+    )
     assert dm.split_names == ("train", "val", "test", "val_shortcut", "test_shortcut")
     assert dm.num_classes == 10 and dm.image_shape == (1, 28, 28)
     assert tuple(dm.class_names) == tuple(str(i) for i in range(10))
@@ -281,8 +280,7 @@ def test_datamodule_clean_and_shortcut_splits() -> None:
 
 
 def test_datamodule_without_shortcut_and_limit() -> None:
-    dm = RenderedDigitsDataModule(train_size=50, val_size=30, test_size=30, limit=20,
-                                  predict_split="test_shortcut")
+    dm = RenderedDigitsDataModule(train_size=50, val_size=30, test_size=30, limit=20, predict_split="test_shortcut")
     assert len(dm.dataset("train")) == 20 and len(dm.dataset("test_shortcut")) == 20
     assert torch.equal(dm.dataset("val")[5]["image"], dm.dataset("val_shortcut")[5]["image"])
     batch = next(iter(dm.predict_dataloader()))

@@ -19,13 +19,23 @@ def accuracy(model: Classifier, dm: RenderedDigitsDataModule, split: str) -> flo
 def test_classifier_trained_on_shortcut_is_worse_on_clean_test(tmp_path):
     torch.manual_seed(0)
     dm = RenderedDigitsDataModule(
-        train_size=3000, val_size=200, test_size=1000, shortcut_class=7, shortcut_strength=1.0,
-        mark_rate=0.3, batch_size=64,
+        train_size=3000,
+        val_size=200,
+        test_size=1000,
+        shortcut_class=7,
+        shortcut_strength=1.0,
+        mark_rate=0.3,
+        batch_size=64,
     )
     model = Classifier(ConvNet(1, (16, 32), 64), num_classes=10)
     trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
         default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=dm)

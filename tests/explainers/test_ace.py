@@ -75,7 +75,9 @@ def test_gradient_flows_through_every_denoiser_call():
             return self.inner.eps(x_t, t).detach()
 
     x.grad = None
-    diffusion_filter(CountedDenoiser(_Constant(inner), 2), x, timesteps, noise, rows, clip_denoised=False).square().sum().backward()
+    diffusion_filter(
+        CountedDenoiser(_Constant(inner), 2), x, timesteps, noise, rows, clip_denoised=False
+    ).square().sum().backward()
     constant_grad = x.grad.clone()
     x.grad = None
     diffusion_filter(counted, x, timesteps, noise, rows, clip_denoised=False).square().sum().backward()

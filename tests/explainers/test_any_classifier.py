@@ -34,15 +34,32 @@ def setup(tmp_path_factory) -> dict:
     y = torch.stack([data[i]["label"] for i in range(len(data))])
     model = fit_steps(tiny_resnet(), x, y, steps=3)
     save_file(model.state_dict(), root / "resnet.safetensors")
-    main([
-        "fit", f"--config={CONFIGS / 'data/image_folder.yaml'}", f"--data.init_args.root={folder}", *DATA,
-        f"--config={CONFIGS / 'model/autoencoder.yaml'}", "--model.init_args.in_channels=3", "--model.init_args.image_size=16",
-        "--model.init_args.channels=[8,16]", "--model.init_args.latent_dim=8", f"--config={CONFIGS / 'trainer/smoke.yaml'}",
-        "--trainer.logger=false", f"--trainer.default_root_dir={root / 'ae'}", "--sample_grid.num_samples=0",
-    ])
+    main(
+        [
+            "fit",
+            f"--config={CONFIGS / 'data/image_folder.yaml'}",
+            f"--data.init_args.root={folder}",
+            *DATA,
+            f"--config={CONFIGS / 'model/autoencoder.yaml'}",
+            "--model.init_args.in_channels=3",
+            "--model.init_args.image_size=16",
+            "--model.init_args.channels=[8,16]",
+            "--model.init_args.latent_dim=8",
+            f"--config={CONFIGS / 'trainer/smoke.yaml'}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={root / 'ae'}",
+            "--sample_grid.num_samples=0",
+        ]
+    )
     ae = sorted((root / "ae").rglob("*.ckpt"))[-1]
-    mapping = json.dumps({"module": {"class_path": "torchvision.models.resnet18", "init_args": {"num_classes": 3}},
-                          "weights": str(root / "resnet.safetensors"), "input_mean": MEAN, "input_std": STD})
+    mapping = json.dumps(
+        {
+            "module": {"class_path": "torchvision.models.resnet18", "init_args": {"num_classes": 3}},
+            "weights": str(root / "resnet.safetensors"),
+            "input_mean": MEAN,
+            "input_std": STD,
+        }
+    )
     return {"root": root, "folder": folder, "model": model, "ae": ae, "mapping": mapping, "x": x, "y": y}
 
 
@@ -65,14 +82,24 @@ def _direction(setup: dict) -> Path:
 METHODS = {
     "pixel": ["--model.init_args.steps=3"],
     "deepinversion": ["--model.init_args.steps=3"],
-    "disc": ["--model.init_args.steps=2", "--model.init_args.fit_steps=3", "--model.init_args.dip_channels=8",
-             "--model.init_args.duq=null", "--model.init_args.mc_weight=0", "--model.init_args.feature_layers=[net.layer1,net.layer2]"],
+    "disc": [
+        "--model.init_args.steps=2",
+        "--model.init_args.fit_steps=3",
+        "--model.init_args.dip_channels=8",
+        "--model.init_args.duq=null",
+        "--model.init_args.mc_weight=0",
+        "--model.init_args.feature_layers=[net.layer1,net.layer2]",
+    ],
     "latent_attack": ["--model.init_args.steps=3"],
     "latent_linear_edit": ["--model.init_args.steps=3", "--model.init_args.descriptor=dog"],
     "dvce": ["--model.init_args.num_steps=3", "--model.init_args.num_stages=2"],
     "fastdime": ["--model.init_args.num_steps=3", "--model.init_args.num_stages=2"],
-    "ace": ["--model.init_args.num_steps=3", "--model.init_args.iterations=2", "--model.init_args.mask_kernel=3",
-            "--model.init_args.num_stages=2"],
+    "ace": [
+        "--model.init_args.num_steps=3",
+        "--model.init_args.iterations=2",
+        "--model.init_args.mask_kernel=3",
+        "--model.init_args.num_stages=2",
+    ],
 }
 DIFFUSION = ("dvce", "fastdime", "ace")
 
@@ -80,14 +107,24 @@ DIFFUSION = ("dvce", "fastdime", "ace")
 @pytest.fixture(scope="module")
 def ddpm(setup) -> Path:
     """A tiny DDPM fitted by `lit-cf fit` on the same image folder (16 px RGB)."""
-    main([
-        "fit", f"--config={CONFIGS / 'data/image_folder.yaml'}", f"--data.init_args.root={setup['folder']}", *DATA,
-        f"--config={CONFIGS / 'model/ddpm_tiny.yaml'}", "--model.init_args.image_shape=[3,16,16]",
-        "--model.init_args.model_size=16", "--model.init_args.denoiser.init_args.sample_size=16",
-        "--model.init_args.denoiser.init_args.in_channels=3", "--model.init_args.denoiser.init_args.out_channels=3",
-        f"--config={CONFIGS / 'trainer/smoke.yaml'}", "--trainer.logger=false",
-        f"--trainer.default_root_dir={setup['root'] / 'ddpm'}", "--sample_grid.num_samples=0",
-    ])
+    main(
+        [
+            "fit",
+            f"--config={CONFIGS / 'data/image_folder.yaml'}",
+            f"--data.init_args.root={setup['folder']}",
+            *DATA,
+            f"--config={CONFIGS / 'model/ddpm_tiny.yaml'}",
+            "--model.init_args.image_shape=[3,16,16]",
+            "--model.init_args.model_size=16",
+            "--model.init_args.denoiser.init_args.sample_size=16",
+            "--model.init_args.denoiser.init_args.in_channels=3",
+            "--model.init_args.denoiser.init_args.out_channels=3",
+            f"--config={CONFIGS / 'trainer/smoke.yaml'}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={setup['root'] / 'ddpm'}",
+            "--sample_grid.num_samples=0",
+        ]
+    )
     return sorted((setup["root"] / "ddpm").rglob("*.ckpt"))[-1]
 
 
@@ -107,11 +144,22 @@ def test_every_method_on_an_image_folder_with_a_torchvision_model(setup, method,
         extra.append(f"--model.init_args.generator={setup['ae']}")
     if method == "latent_linear_edit":
         extra.append(f"--model.init_args.direction={_direction(setup)}")
-    main([
-        "explain", f"--config={CONFIGS / 'data/image_folder.yaml'}", f"--data.init_args.root={setup['folder']}", *DATA,
-        f"--config={CONFIGS / f'explain/{method}.yaml'}", *extra, "--split=all", "--num_queries=3",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--classifier={setup['mapping']}", f"--output_dir={out}",
-    ])
+    main(
+        [
+            "explain",
+            f"--config={CONFIGS / 'data/image_folder.yaml'}",
+            f"--data.init_args.root={setup['folder']}",
+            *DATA,
+            f"--config={CONFIGS / f'explain/{method}.yaml'}",
+            *extra,
+            "--split=all",
+            "--num_queries=3",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--classifier={setup['mapping']}",
+            f"--output_dir={out}",
+        ]
+    )
     run = ExplainRun(out)
     assert len(run) == 3 and run.meta["classifier"]["kind"] == "module"
     cf = run.tensor("counterfactual")
@@ -139,22 +187,47 @@ def test_python_api_on_a_tensor_a_file_list_and_a_folder(setup, tmp_path):
         torch.testing.assert_close(traced(setup["x"][:2]), normalised(setup["x"][:2]), atol=1e-4, rtol=1e-4)
     # a tensor run is evaluated with the same tensor saved as .safetensors (lit_cf.data.TensorDataModule)
     save_file({"image": setup["x"][:2].contiguous()}, tmp_path / "images.safetensors")
-    main(["evaluate", "--data=lit_cf.data.TensorDataModule", f"--data.path={tmp_path / 'images.safetensors'}",
-          "--trainer.logger=false", f"--runs=[{tmp_path / 'tensor'}]", "--cout_steps=2", f"--output_dir={tmp_path / 'ev_tensor'}"])
+    main(
+        [
+            "evaluate",
+            "--data=lit_cf.data.TensorDataModule",
+            f"--data.path={tmp_path / 'images.safetensors'}",
+            "--trainer.logger=false",
+            f"--runs=[{tmp_path / 'tensor'}]",
+            "--cout_steps=2",
+            f"--output_dir={tmp_path / 'ev_tensor'}",
+        ]
+    )
     assert json.loads((tmp_path / "ev_tensor" / "metrics.json").read_text())["table"][0]["n"] == 2
     files = sorted(str(p) for p in (setup["folder"] / "dog").iterdir())
-    run = lit_cf.explain(normalised, files, PixelCounterfactual(steps=3), tmp_path / "files", target=0, on_source_equals_target="skip",
-                         num_queries=2, seed=3)
+    run = lit_cf.explain(
+        normalised,
+        files,
+        PixelCounterfactual(steps=3),
+        tmp_path / "files",
+        target=0,
+        on_source_equals_target="skip",
+        num_queries=2,
+        seed=3,
+    )
     assert all(r["target"] == 0 for r in run.manifest) and run.meta["seed"] == 3
     # same call again: the finished run is left alone (resume), and evaluate reads the folder run
     run = lit_cf.explain(normalised, setup["folder"], PixelCounterfactual(steps=3), tmp_path / "folder", num_queries=3)
     again = lit_cf.explain(normalised, setup["folder"], PixelCounterfactual(steps=3), tmp_path / "folder", num_queries=3)
     torch.testing.assert_close(run.tensor("counterfactual"), again.tensor("counterfactual"))
-    main([
-        "evaluate", f"--config={CONFIGS / 'data/image_folder.yaml'}", f"--data.init_args.root={setup['folder']}", *DATA,
-        "--trainer.logger=false", f"--runs=[{tmp_path / 'folder'}]", "--cout_steps=2", f"--output_dir={tmp_path / 'ev'}",
-        f"--oracles={{resnet: {setup['mapping']}}}",
-    ])
+    main(
+        [
+            "evaluate",
+            f"--config={CONFIGS / 'data/image_folder.yaml'}",
+            f"--data.init_args.root={setup['folder']}",
+            *DATA,
+            "--trainer.logger=false",
+            f"--runs=[{tmp_path / 'folder'}]",
+            "--cout_steps=2",
+            f"--output_dir={tmp_path / 'ev'}",
+            f"--oracles={{resnet: {setup['mapping']}}}",
+        ]
+    )
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["table"][0]["n"] == 3
     # the oracle holds the same weights as the explained model: masked, not scored as independent
@@ -168,9 +241,24 @@ class _Normalize(torch.nn.Module):
 
 def test_evaluate_needs_the_mapping_again_and_checks_it(setup, tmp_path, capsys):
     out = tmp_path / "run"
-    base = [f"--config={CONFIGS / 'data/image_folder.yaml'}", f"--data.init_args.root={setup['folder']}", *DATA, "--trainer.logger=false"]
-    main(["explain", *base, f"--config={CONFIGS / 'explain/pixel.yaml'}", "--model.init_args.steps=2", "--split=all",
-          "--num_queries=2", f"--classifier={setup['mapping']}", f"--output_dir={out}"])
+    base = [
+        f"--config={CONFIGS / 'data/image_folder.yaml'}",
+        f"--data.init_args.root={setup['folder']}",
+        *DATA,
+        "--trainer.logger=false",
+    ]
+    main(
+        [
+            "explain",
+            *base,
+            f"--config={CONFIGS / 'explain/pixel.yaml'}",
+            "--model.init_args.steps=2",
+            "--split=all",
+            "--num_queries=2",
+            f"--classifier={setup['mapping']}",
+            f"--output_dir={out}",
+        ]
+    )
     ev = tmp_path / "ev"
     with pytest.raises(SystemExit):
         main(["evaluate", *base, f"--runs=[{out}]", f"--output_dir={ev}"])

@@ -68,9 +68,18 @@ def test_shipped_config_explains_and_draws_progressions(cnn_ckpt, ddpm_ckpt, tmp
 
 def test_fastdime_with_a_separate_feature_network_and_the_chain(cnn_ckpt, duq_ckpt, ddpm_ckpt, tmp_path):
     out = tmp_path / "run"
-    main(diffusion_args(cnn_ckpt, ddpm_ckpt, out, "explain/fastdime.yaml", "--num_queries=2",
-                        f"--model.init_args.feature_network={duq_ckpt}", "--model.init_args.clean_estimate=chain",
-                        "--model.init_args.class_scales=[8.0]"))
+    main(
+        diffusion_args(
+            cnn_ckpt,
+            ddpm_ckpt,
+            out,
+            "explain/fastdime.yaml",
+            "--num_queries=2",
+            f"--model.init_args.feature_network={duq_ckpt}",
+            "--model.init_args.clean_estimate=chain",
+            "--model.init_args.class_scales=[8.0]",
+        )
+    )
     run = ExplainRun(out)
     assert all(r["denoiser_calls"] == 4 * 5 // 2 for r in run.manifest)  # a full chain at every step
     assert len(run.meta["method"]["feature_network_sha256"]) == 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 
@@ -10,10 +11,9 @@ from lit_cf.cli import main
 from lit_cf.data.rendered import RenderedDigits
 from lit_cf.errors import UserError
 from lit_cf.explainers import DISCCounterfactual, ExplainRun
-from lit_cf.explainers.priors import DIPPrior, INRPrior, PixelPrior, fixed_entries, grouped_conv, psnr
+from lit_cf.explainers.priors import DIPPrior, INRPrior, fixed_entries, grouped_conv, psnr
 from lit_cf.models import Classifier, ConvNet, DUQClassifier
 from tests.conftest import CONFIGS
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -174,6 +174,7 @@ def test_manifold_consistency_raises_the_target_kernel_value(mc_loss):
     duq = tiny_duq()
     x = digits(4)
     batch = batch_of(x, target=[0, 1, 2, 3])
+
     def kernel_values(images):
         k = duq.kernel(images)
         kt = k.gather(1, batch["target"][:, None]).squeeze(1)
@@ -184,8 +185,16 @@ def test_manifold_consistency_raises_the_target_kernel_value(mc_loss):
         loss_before = DISCCounterfactual(duq="self", mc_weight=1.0, mc_loss=mc_loss).manifold_loss(x, duq(x), batch["target"])
     # only the manifold term, no stopping: the kernel value of the target must rise
     method = DISCCounterfactual(
-        prior="pixels", cf_weight=0.0, feature_weight=0.0, duq="self", mc_weight=1.0, mc_loss=mc_loss,
-        progressive=False, stages=[0.999], steps=10, lr=0.02,
+        prior="pixels",
+        cf_weight=0.0,
+        feature_weight=0.0,
+        duq="self",
+        mc_weight=1.0,
+        mc_loss=mc_loss,
+        progressive=False,
+        stages=[0.999],
+        steps=10,
+        lr=0.02,
     )
     method.attach(duq)
     out = method.optimise(batch)
@@ -271,7 +280,9 @@ def test_progressive_explain_is_data_free_monotone_and_reproducible(cnn_ckpt, tm
     for name in ("a", "b"):
         out = tmp_path / name
         # the datamodule raises if explain reads its training split
-        main([*EXPLAIN, *OLD_RULE, f"--classifier={cnn_ckpt}", f"--output_dir={out}", "--model.init_args.prior=pixels", "--seed=4"])
+        main(
+            [*EXPLAIN, *OLD_RULE, f"--classifier={cnn_ckpt}", f"--output_dir={out}", "--model.init_args.prior=pixels", "--seed=4"]
+        )
         runs.append(ExplainRun(out))
     run = runs[0]
     stages = run.tensor("stages")
@@ -296,9 +307,20 @@ def test_progressive_explain_is_data_free_monotone_and_reproducible(cnn_ckpt, tm
 
 def test_dip_explain_records_fit_quality_and_non_progressive_has_no_stages(cnn_ckpt, tmp_path):
     out = tmp_path / "dip"
-    main([*EXPLAIN, f"--classifier={cnn_ckpt}", f"--output_dir={out}", "--model.init_args.progressive=false",
-          "--model.init_args.lr=0.005", "--model.init_args.fit_steps=300", "--model.init_args.fit_psnr=25",
-          "--model.init_args.dip_channels=16", "--num_queries=4", "--chunk_size=4"])
+    main(
+        [
+            *EXPLAIN,
+            f"--classifier={cnn_ckpt}",
+            f"--output_dir={out}",
+            "--model.init_args.progressive=false",
+            "--model.init_args.lr=0.005",
+            "--model.init_args.fit_steps=300",
+            "--model.init_args.fit_psnr=25",
+            "--model.init_args.dip_channels=16",
+            "--num_queries=4",
+            "--chunk_size=4",
+        ]
+    )
     run = ExplainRun(out)
     assert len(run) == 4
     fits = [(r["prior_psnr"], r["prior_fit_steps"]) for r in run.manifest]

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lit_cf.cli import main
-from lit_cf.runs import RunDir
 from lit_cf.errors import UserError
 from lit_cf.explainers import DVCE, ExplainRun
 from lit_cf.explainers.diffusion_sampler import (
@@ -25,6 +24,7 @@ from lit_cf.explainers.diffusion_sampler import (
 )
 from lit_cf.explainers.dvce import cone_project
 from lit_cf.models.base import ImageClassifier
+from lit_cf.runs import RunDir
 from lit_cf.utils.checkpoint import load_module
 from tests.conftest import CONFIGS
 from tests.fixtures import write_idx_dataset
@@ -41,9 +41,16 @@ RENDERED = [
 
 def explain_args(classifier: Path, out: Path, *extra: str, data: list[str] = RENDERED) -> list[str]:
     return [
-        "explain", *data, f"--config={CONFIGS / 'explain/dvce.yaml'}", "--trainer.accelerator=cpu",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={out.parent}",
-        f"--classifier={classifier}", f"--output_dir={out}", *extra,
+        "explain",
+        *data,
+        f"--config={CONFIGS / 'explain/dvce.yaml'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={out.parent}",
+        f"--classifier={classifier}",
+        f"--output_dir={out}",
+        *extra,
     ]
 
 
@@ -129,7 +136,7 @@ def test_x0_prediction_switch_differentiates_through_the_denoiser_or_at_x0_hat(d
     d = through.diffusion
     query, target = queries(2), torch.tensor([3, 5])
     t = torch.tensor([40, 40])
-    x_t = (d.to_model(query) * 0.7 + 0.3 * torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    x_t = d.to_model(query) * 0.7 + 0.3 * torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
     def step() -> GuidanceStep:
         x = x_t.clone().requires_grad_(True)
@@ -222,27 +229,59 @@ def _expect_error(args: list[str], capsys, match: str, out: Path) -> None:
 
 def test_cli_errors_leave_no_output(ddpm_ckpt, cnn_ckpt, tmp_path, capsys):
     out = tmp_path / "run"
-    _expect_error(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.cone=true"),
-                  capsys, "needs a second, robust classifier", out)
-    _expect_error(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.tau=1.5"),
-                  capsys, "tau must be in (0, 1]", out)
-    _expect_error(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}",
-                               "--model.init_args.num_steps=80"), capsys, "num_steps must be between", out)
-    _expect_error(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={cnn_ckpt}"),
-                  capsys, "not a lit_cf.models.DiffusionModel", out)
+    _expect_error(
+        explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.cone=true"),
+        capsys,
+        "needs a second, robust classifier",
+        out,
+    )
+    _expect_error(
+        explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.tau=1.5"),
+        capsys,
+        "tau must be in (0, 1]",
+        out,
+    )
+    _expect_error(
+        explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.num_steps=80"),
+        capsys,
+        "num_steps must be between",
+        out,
+    )
+    _expect_error(
+        explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={cnn_ckpt}"), capsys, "not a lit_cf.models.DiffusionModel", out
+    )
     _expect_error(explain_args(cnn_ckpt, out), capsys, "needs a DDPM", out)
     # a DDPM of other data (trained on the rendered digits, queries from MNIST): same shape, other data
     root = write_idx_dataset(tmp_path / "data", n_train=32, n_test=16)
     mnist = [f"--config={CONFIGS / 'data/mnist.yaml'}", f"--data.init_args.root={root}", "--data.init_args.val_size=8"]
-    _expect_error(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--num_queries=2",
-                               "--model.init_args.num_steps=5", data=mnist), capsys, "was trained on", out)
+    _expect_error(
+        explain_args(
+            cnn_ckpt,
+            out,
+            f"--model.init_args.diffusion={ddpm_ckpt}",
+            "--num_queries=2",
+            "--model.init_args.num_steps=5",
+            data=mnist,
+        ),
+        capsys,
+        "was trained on",
+        out,
+    )
 
 
 # ----------------------------------------------------------------------------- the shipped config
 def test_dvce_config_runs_as_shipped(ddpm_ckpt, cnn_ckpt, tmp_path):
     out = tmp_path / "dvce"
-    main(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.num_steps=5",
-                      "--num_queries=6", "--chunk_size=4"))
+    main(
+        explain_args(
+            cnn_ckpt,
+            out,
+            f"--model.init_args.diffusion={ddpm_ckpt}",
+            "--model.init_args.num_steps=5",
+            "--num_queries=6",
+            "--chunk_size=4",
+        )
+    )
     run = ExplainRun(out)
     assert len(run) == 6 and all(r["steps"] == 5 for r in run.manifest)
     assert run.tensor("stages").shape == (6, 5, 1, 28, 28)
@@ -257,8 +296,16 @@ def test_dvce_config_runs_as_shipped(ddpm_ckpt, cnn_ckpt, tmp_path):
     (out / "manifest.jsonl").unlink()
     rundir = RunDir(out)  # run.json carries its own checksum: rewrite it through the run format
     rundir.write_meta({k: v for k, v in rundir.read_meta().items() if k not in ("version", "checksum")} | {"status": "running"})
-    main(explain_args(cnn_ckpt, out, f"--model.init_args.diffusion={ddpm_ckpt}", "--model.init_args.num_steps=5",
-                      "--num_queries=6", "--chunk_size=4"))
+    main(
+        explain_args(
+            cnn_ckpt,
+            out,
+            f"--model.init_args.diffusion={ddpm_ckpt}",
+            "--model.init_args.num_steps=5",
+            "--num_queries=6",
+            "--chunk_size=4",
+        )
+    )
     resumed = ExplainRun(out)
     assert [r["final_target_prob"] for r in resumed.manifest] == reference[0]
     assert torch.equal(resumed.tensor("counterfactual"), reference[1])

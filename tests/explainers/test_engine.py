@@ -27,7 +27,9 @@ def make_batch(images: torch.Tensor, targets: list[int], seeds: list[int]) -> di
 
 METHODS = {
     "pixel": lambda: PixelCounterfactual(steps=15, lr=0.05, l2_weight=0.1, stop_probability=None),
-    "deepinversion": lambda: DeepInversionCounterfactual(steps=15, lr=0.05, bn_weight=0.1, jitter=2, flip=True, stop_probability=None),
+    "deepinversion": lambda: DeepInversionCounterfactual(
+        steps=15, lr=0.05, bn_weight=0.1, jitter=2, flip=True, stop_probability=None
+    ),
 }
 
 

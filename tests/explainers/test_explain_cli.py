@@ -53,8 +53,19 @@ def test_explain_writes_manifest_shards_and_grids(cnn_ckpt, tmp_path):
     run = ExplainRun(out)
     assert len(run) == 20
     expected = {
-        "record", "index", "source_label", "orig_pred", "orig_prob", "target", "orig_target_prob",
-        "final_pred", "final_target_prob", "success", "steps", "seconds", "seed",
+        "record",
+        "index",
+        "source_label",
+        "orig_pred",
+        "orig_prob",
+        "target",
+        "orig_target_prob",
+        "final_pred",
+        "final_target_prob",
+        "success",
+        "steps",
+        "seconds",
+        "seed",
     }
     assert expected <= set(run.manifest[0])
     assert [r["index"] for r in run.manifest] == list(range(20))
@@ -80,7 +91,11 @@ def test_several_targets_per_query_and_fixed_class(cnn_ckpt, tmp_path):
         by_query.setdefault(r["index"], []).append(r["target"])
     assert len(by_query) == 4 and all(len(t) == 9 for t in by_query.values())
     out2 = tmp_path / "fixed"
-    main(explain_args(cnn_ckpt, out2, "--num_queries=30", "--target=7", "--on_source_equals_target=skip", "--model.init_args.steps=2"))
+    main(
+        explain_args(
+            cnn_ckpt, out2, "--num_queries=30", "--target=7", "--on_source_equals_target=skip", "--model.init_args.steps=2"
+        )
+    )
     assert {r["target"] for r in ExplainRun(out2).manifest} == {7}
 
 

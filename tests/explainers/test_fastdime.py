@@ -148,8 +148,7 @@ def test_chain_estimate_differs_and_costs_more_denoiser_calls(models, queries):
 @pytest.mark.parametrize("clean_estimate", ["x0", "chain"])
 def test_counterfactual_does_not_depend_on_chunk_mates(models, queries, clean_estimate):
     x, targets = queries
-    method = fastdime(models, clean_estimate=clean_estimate, mask_from=0.5, mask_kernel=3, num_steps=4,
-                      perceptual_weight=5.0)
+    method = fastdime(models, clean_estimate=clean_estimate, mask_from=0.5, mask_kernel=3, num_steps=4, perceptual_weight=5.0)
     a_cf, a = method.generate(batch(x[[0, 1, 2]], [targets[0], 3, 4], [10, 11, 12]))
     b_cf, b = method.generate(batch(x[[4, 0]], [7, targets[0]], [14, 10]))
     torch.testing.assert_close(a_cf[0], b_cf[1], atol=1e-5, rtol=1e-5)

@@ -102,8 +102,17 @@ def queries(n: int) -> torch.Tensor:
 def test_latent_attack_cli_writes_latents_and_reconstruction_fields(ae_ckpt, cnn_ckpt, tmp_path):
     out = tmp_path / "attack"
     steps = 15
-    main(explain_args(cnn_ckpt, out, "explain/latent_attack.yaml", f"--model.init_args.generator={ae_ckpt}",
-                      f"--model.init_args.steps={steps}", "--num_queries=8", "--chunk_size=4"))
+    main(
+        explain_args(
+            cnn_ckpt,
+            out,
+            "explain/latent_attack.yaml",
+            f"--model.init_args.generator={ae_ckpt}",
+            f"--model.init_args.steps={steps}",
+            "--num_queries=8",
+            "--chunk_size=4",
+        )
+    )
     run = ExplainRun(out)
     assert len(run) == 8
     fields = {"steps", "success", "final_target_prob", "recon_mse", "recon_target_prob", "recon_pred", "latent_l2"}
@@ -145,8 +154,17 @@ def _codec_predictors(codec: L.LightningModule) -> LinearPredictors:
 def test_attack_stops_at_threshold_and_latents_are_attributable(codec_ckpt, cnn_ckpt, tmp_path):
     out = tmp_path / "attack"
     steps = 80  # the config's lr (0.1, the paper's MNIST setting)
-    main(explain_args(cnn_ckpt, out, "explain/latent_attack.yaml", f"--model.init_args.generator={codec_ckpt}",
-                      f"--model.init_args.steps={steps}", "--num_queries=10", "--chunk_size=5"))
+    main(
+        explain_args(
+            cnn_ckpt,
+            out,
+            "explain/latent_attack.yaml",
+            f"--model.init_args.generator={codec_ckpt}",
+            f"--model.init_args.steps={steps}",
+            "--num_queries=10",
+            "--chunk_size=5",
+        )
+    )
     run = ExplainRun(out)
     stopped = [r for r in run.manifest if r["steps"] < steps]
     assert len(stopped) >= 8, [r["steps"] for r in run.manifest]
@@ -175,9 +193,19 @@ def test_linear_edit_walks_a_fixed_schedule_along_the_direction(codec_ckpt, cnn_
     direction = _codec_predictors(codec).save(tmp_path / "predictors.safetensors")
     out = tmp_path / "edit"
     steps, step_size = 12, 0.25
-    main(explain_args(cnn_ckpt, out, "explain/latent_linear_edit.yaml", f"--model.init_args.generator={codec_ckpt}",
-                      f"--model.init_args.direction={direction}", "--model.init_args.descriptor=mark",
-                      f"--model.init_args.steps={steps}", f"--model.init_args.step_size={step_size}", "--num_queries=6"))
+    main(
+        explain_args(
+            cnn_ckpt,
+            out,
+            "explain/latent_linear_edit.yaml",
+            f"--model.init_args.generator={codec_ckpt}",
+            f"--model.init_args.direction={direction}",
+            "--model.init_args.descriptor=mark",
+            f"--model.init_args.steps={steps}",
+            f"--model.init_args.step_size={step_size}",
+            "--num_queries=6",
+        )
+    )
     run = ExplainRun(out)
     unit = LinearPredictors.load(direction).direction("mark")
     unit = unit / unit.norm()
@@ -204,15 +232,23 @@ def test_generator_without_encode_decode_is_a_clear_error(cnn_ckpt, tmp_path, ca
     config = "explain/latent_attack.yaml"
     _expect_error(explain_args(cnn_ckpt, out, config, f"--model.init_args.generator={cnn_ckpt}"), capsys, "no encode/decode", out)
     missing = tmp_path / "missing.ckpt"
-    _expect_error(explain_args(cnn_ckpt, out, config, f"--model.init_args.generator={missing}"), capsys, "checkpoint not found", out)
+    _expect_error(
+        explain_args(cnn_ckpt, out, config, f"--model.init_args.generator={missing}"), capsys, "checkpoint not found", out
+    )
 
 
 def test_linear_edit_bad_direction_is_a_clear_error(codec_ckpt, cnn_ckpt, tmp_path, capsys):
     codec = load_module(codec_ckpt, L.LightningModule)
     direction = _codec_predictors(codec).save(tmp_path / "predictors.safetensors")
     out = tmp_path / "bad"
-    args = explain_args(cnn_ckpt, out, "explain/latent_linear_edit.yaml", f"--model.init_args.generator={codec_ckpt}",
-                        f"--model.init_args.direction={direction}", "--model.init_args.descriptor=smile")
+    args = explain_args(
+        cnn_ckpt,
+        out,
+        "explain/latent_linear_edit.yaml",
+        f"--model.init_args.generator={codec_ckpt}",
+        f"--model.init_args.direction={direction}",
+        "--model.init_args.descriptor=smile",
+    )
     _expect_error(args, capsys, "no descriptor 'smile'", out)
 
 

@@ -167,13 +167,25 @@ def test_bad_setting_is_one_clear_error_before_any_output(name, resources, tmp_p
     out = tmp_path / "run"
     args = settings(name, resources)
     with pytest.raises(SystemExit) as err:
-        main([
-            "explain", f"--config={CONFIGS / 'data/rendered.yaml'}", "--data.init_args.test_size=16",
-            f"--config={CONFIGS_BY_METHOD[name][0]}",
-            *[f"--model.init_args.{k}={resources[k]}" for k in ("generator", "direction", "descriptor", "diffusion") if k in args],
-            f"--model.init_args.{key}={value}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--classifier={resources['classifier_ckpt']}", f"--output_dir={out}", "--num_queries=2",
-        ])
+        main(
+            [
+                "explain",
+                f"--config={CONFIGS / 'data/rendered.yaml'}",
+                "--data.init_args.test_size=16",
+                f"--config={CONFIGS_BY_METHOD[name][0]}",
+                *[
+                    f"--model.init_args.{k}={resources[k]}"
+                    for k in ("generator", "direction", "descriptor", "diffusion")
+                    if k in args
+                ],
+                f"--model.init_args.{key}={value}",
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                f"--classifier={resources['classifier_ckpt']}",
+                f"--output_dir={out}",
+                "--num_queries=2",
+            ]
+        )
     assert err.value.code == 2
     message = capsys.readouterr().err
     assert "Traceback" not in message and key in message, message[-500:]

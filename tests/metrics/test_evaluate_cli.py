@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lit_cf.cli import main
-from lit_cf.runs import RunDir
 from lit_cf.explainers import ExplainRun
+from lit_cf.runs import RunDir
 from tests.conftest import CONFIGS, fit_checkpoint
 
 DATA = [
@@ -26,10 +26,19 @@ DATA = [
 def explain(ckpt: Path, out: Path, method: str = "pixel", *extra: str) -> Path:
     main(
         [
-            "explain", *DATA, f"--config={CONFIGS / f'explain/{method}.yaml'}",
-            "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={out.parent}", f"--classifier={ckpt}", f"--output_dir={out}",
-            "--num_queries=24", "--model.init_args.steps=20", "--model.init_args.lr=0.05", *extra,
+            "explain",
+            *DATA,
+            f"--config={CONFIGS / f'explain/{method}.yaml'}",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out.parent}",
+            f"--classifier={ckpt}",
+            f"--output_dir={out}",
+            "--num_queries=24",
+            "--model.init_args.steps=20",
+            "--model.init_args.lr=0.05",
+            *extra,
         ]
     )
     return out
@@ -50,10 +59,19 @@ def setup(tmp_path_factory, cnn_ckpt, duq_ckpt):
 
 def evaluate_args(runs, out, oracle, cnn_ckpt, duq_ckpt, *extra, regressor=None):
     return [
-        "evaluate", *DATA, "--trainer.accelerator=cpu", "--trainer.logger=false",
-        f"--runs=[{','.join(str(r) for r in runs)}]", f"--output_dir={out}",
-        f"--oracles={{oracle: {oracle}, self: {cnn_ckpt}}}", f"--feature_network={oracle}", f"--duq={duq_ckpt}",
-        "--cout_steps=5", "--reference=train", *([f"--descriptors={regressor}"] if regressor else []), *extra,
+        "evaluate",
+        *DATA,
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        f"--runs=[{','.join(str(r) for r in runs)}]",
+        f"--output_dir={out}",
+        f"--oracles={{oracle: {oracle}, self: {cnn_ckpt}}}",
+        f"--feature_network={oracle}",
+        f"--duq={duq_ckpt}",
+        "--cout_steps=5",
+        "--reference=train",
+        *([f"--descriptors={regressor}"] if regressor else []),
+        *extra,
     ]
 
 
@@ -65,8 +83,13 @@ def test_evaluate_writes_comparison_table_metrics_and_report(setup, cnn_ckpt, du
     # one row per run, then the no-edit and floor rows of realism against real images (the two
     # DeepInversion runs share queries and targets, so they share one pair)
     assert [row["method"] for row in payload["table"]] == [
-        "pixel", "deepinversion", "deepinversion_seed1",
-        "no edit (queries) [pixel]", "real floor [pixel]", "no edit (queries) [deepinversion]", "real floor [deepinversion]",
+        "pixel",
+        "deepinversion",
+        "deepinversion_seed1",
+        "no edit (queries) [pixel]",
+        "real floor [pixel]",
+        "no edit (queries) [deepinversion]",
+        "real floor [deepinversion]",
     ]
     # the two DeepInversion runs differ only in their seed: sigma_L is their pairwise distance
     # (perceptual, on the feature network, since one is given)
@@ -84,8 +107,18 @@ def test_evaluate_writes_comparison_table_metrics_and_report(setup, cnn_ckpt, du
     assert pixel["l2_mean"] == pytest.approx(float(l2.mean()), rel=1e-4)
     # the explained classifier as its own oracle is masked, the independent one is scored
     assert math.isnan(pixel["ota_self"]) and 0.0 <= pixel["ota_oracle"] <= 1.0
-    for key in ("fid_domain", "sfid_domain", "perceptual_domain_mean", "duq_certainty_cf_mean", "cout_mean",
-                "seconds_per_cf_mean", "l1.5_mean", "gt_nuisance_change", "gt_change_mark", "gt_error_mark"):
+    for key in (
+        "fid_domain",
+        "sfid_domain",
+        "perceptual_domain_mean",
+        "duq_certainty_cf_mean",
+        "cout_mean",
+        "seconds_per_cf_mean",
+        "l1.5_mean",
+        "gt_nuisance_change",
+        "gt_change_mark",
+        "gt_error_mark",
+    ):
         assert key in pixel and not math.isnan(pixel[key]), key
     assert "mnac_mean" not in pixel  # MNAC counts binary attribute flips, not continuous factors
     pairs = payload["runs"]["pixel"]["per_pair"]
@@ -129,8 +162,12 @@ def test_evaluate_scores_realism_against_real_images_of_the_target_class(setup, 
     # the two runs explained different classifiers (other targets): one pair of rows each
     rows = {row["method"]: row for row in payload["table"]}
     assert set(rows) == {
-        "pixel", "deepinversion", "no edit (queries) [pixel]", "real floor [pixel]",
-        "no edit (queries) [deepinversion]", "real floor [deepinversion]",
+        "pixel",
+        "deepinversion",
+        "no edit (queries) [pixel]",
+        "real floor [pixel]",
+        "no edit (queries) [deepinversion]",
+        "real floor [deepinversion]",
     }
     assert rows["no edit (queries) [pixel]"]["fid_real_domain"] == payload["runs"]["pixel"]["overall"]["fid_real_domain_no_edit"]
     assert rows["real floor [pixel]"]["n"] == 24
@@ -202,17 +239,44 @@ def test_mnac_and_cd_with_an_attribute_predictor_on_celeba(tmp_path):
     from tests.fixtures import write_celeba_fixture
 
     root = write_celeba_fixture(tmp_path / "data", n=24)
-    data = [f"--config={CONFIGS / 'data/celeba.yaml'}", f"--data.init_args.root={root}",
-            "--data.init_args.image_size=32", "--data.init_args.batch_size=8"]
+    data = [
+        f"--config={CONFIGS / 'data/celeba.yaml'}",
+        f"--data.init_args.root={root}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=8",
+    ]
     clf = fit_checkpoint(tmp_path / "clf", "model/resnet18_celeba.yaml", *data[1:], data_config="data/celeba.yaml")
     attrs = fit_checkpoint(tmp_path / "attr", "model/attribute_classifier_celeba.yaml", *data[1:], data_config="data/celeba.yaml")
     run = tmp_path / "run"
-    main(["explain", *data, f"--config={CONFIGS / 'explain/pixel.yaml'}", "--trainer.accelerator=cpu",
-          "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--classifier={clf}",
-          f"--output_dir={run}", "--split=train", "--num_queries=6", "--target=flip", "--model.init_args.steps=5"])
+    main(
+        [
+            "explain",
+            *data,
+            f"--config={CONFIGS / 'explain/pixel.yaml'}",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--classifier={clf}",
+            f"--output_dir={run}",
+            "--split=train",
+            "--num_queries=6",
+            "--target=flip",
+            "--model.init_args.steps=5",
+        ]
+    )
     out = tmp_path / "eval"
-    main(["evaluate", *data, "--trainer.accelerator=cpu", "--trainer.logger=false", f"--runs=[{run}]",
-          f"--output_dir={out}", f"--descriptors={attrs}", "--cout_steps=3"])
+    main(
+        [
+            "evaluate",
+            *data,
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            f"--runs=[{run}]",
+            f"--output_dir={out}",
+            f"--descriptors={attrs}",
+            "--cout_steps=3",
+        ]
+    )
     overall = json.loads((out / "metrics.json").read_text())["runs"]["run"]["overall"]
     assert 0.0 <= overall["mnac_mean"] <= 40.0
     assert "cd" in overall and overall["cd"] >= 0.0

@@ -67,7 +67,7 @@ def test_reference_fid_matches_the_frechet_distance_of_the_sets():
     g = torch.Generator().manual_seed(0)
     ref = torch.rand(40, 1, 4, 4, generator=g)
     near = torch.rand(40, 1, 4, 4, generator=g)
-    far = (torch.rand(40, 1, 4, 4, generator=g) * 0.3 + 0.7)
+    far = torch.rand(40, 1, 4, 4, generator=g) * 0.3 + 0.7
     metric = ReferenceFID(Flatten(), groups=("counterfactual", "floor"))
     metric.update(ref[:25], "reference")
     metric.update(ref[25:], "reference")  # batching does not matter
@@ -125,5 +125,10 @@ def test_reference_rows_one_pair_per_query_set():
         {"method": "real floor", "n": 10, "fid_real_domain": 2.0},
     ]
     rows = reference_rows([("disc", "k1", a), ("other", "k2", dict(a, fid_real_domain_no_edit=8.0))])
-    assert [r["method"] for r in rows] == ["no edit (queries) [disc]", "real floor [disc]", "no edit (queries) [other]", "real floor [other]"]
+    assert [r["method"] for r in rows] == [
+        "no edit (queries) [disc]",
+        "real floor [disc]",
+        "no edit (queries) [other]",
+        "real floor [other]",
+    ]
     assert reference_rows([("disc", "k1", {"n": 3})]) == []

@@ -28,8 +28,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def tiny_unet(channels: int = 1, size: int = 28) -> UNet2DModel:
     return UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
     )
 
 
@@ -156,8 +162,12 @@ def test_fit_rejects_an_image_shape_other_than_the_data(tmp_path):
     assert err.value.code == 2
 
 
-SMALL_GRID = ["--model.init_args.num_samples=4", "--model.init_args.sample_steps=2", "--trainer.max_epochs=1",
-              "--trainer.limit_train_batches=2"]
+SMALL_GRID = [
+    "--model.init_args.num_samples=4",
+    "--model.init_args.sample_steps=2",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+]
 
 
 def test_ddpm_mnist_config_fits(tmp_path):
@@ -168,9 +178,15 @@ def test_ddpm_mnist_config_fits(tmp_path):
 def test_ddpm_celeba_config_fits(tmp_path):
     root = write_celeba_fixture(tmp_path / "data", n=24)
     ckpt = fit_checkpoint(
-        tmp_path, "model/ddpm_celeba.yaml", *SMALL_GRID, f"--data.init_args.root={root}",
-        "--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--model.init_args.image_shape=[3,32,32]",
-        "--model.init_args.model_size=32", "--model.init_args.denoiser.init_args.sample_size=32",
+        tmp_path,
+        "model/ddpm_celeba.yaml",
+        *SMALL_GRID,
+        f"--data.init_args.root={root}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=8",
+        "--model.init_args.image_shape=[3,32,32]",
+        "--model.init_args.model_size=32",
+        "--model.init_args.denoiser.init_args.sample_size=32",
         data_config="data/celeba.yaml",
     )
     assert load_diffusion(ckpt).image_shape == (3, 32, 32)

@@ -56,9 +56,7 @@ def test_rbf_kernel_is_one_at_centroid():
 
 def test_centroid_update_is_ema_of_class_embeddings():
     model = tiny_duq(gamma=0.9)
-    z = torch.tensor(
-        [[[1.0, 5.0], [2.0, 6.0]], [[3.0, 7.0], [4.0, 8.0]], [[9.0, 9.0], [9.0, 9.0]]]
-    )  # [B=3, n=2, C=2]
+    z = torch.tensor([[[1.0, 5.0], [2.0, 6.0]], [[3.0, 7.0], [4.0, 8.0]], [[9.0, 9.0], [9.0, 9.0]]])  # [B=3, n=2, C=2]
     y = torch.tensor([0, 0, 1])
     model.update_centroids(z, y)
     # N0 = .9*1 + .1*2 = 1.1 ; N1 = .9*1 + .1*1 = 1.0
@@ -201,8 +199,15 @@ def test_in_and_ood_data_are_normalised_alike(tmp_path):
     ood = MNISTDataModule(root=str(tmp_path), val_size=8, batch_size=16)
     torch.manual_seed(0)
     mean, std = 0.2861, 0.3530
-    model = DUQClassifier(ConvNet(1, (4, 8), 16), num_classes=10, embedding_size=8, length_scale=0.5,
-                          input_mean=[mean], input_std=[std], ood_data=ood)
+    model = DUQClassifier(
+        ConvNet(1, (4, 8), 16),
+        num_classes=10,
+        embedding_size=8,
+        length_scale=0.5,
+        input_mean=[mean],
+        input_std=[std],
+        ood_data=ood,
+    )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
 
@@ -230,10 +235,21 @@ def test_drop_last_skips_the_incomplete_batch():
 
     def fit(data, drop):
         torch.manual_seed(0)
-        model = DUQClassifier(ConvNet(1, (4, 8), 16), num_classes=3, embedding_size=8, drop_last=drop,
-                              optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=1e-3))
-        trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
+        model = DUQClassifier(
+            ConvNet(1, (4, 8), 16),
+            num_classes=3,
+            embedding_size=8,
+            drop_last=drop,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=1e-3),
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
         return model
 
@@ -254,10 +270,25 @@ def test_old_checkpoint_rebuilds_the_old_model(tmp_path):
     old = DUQClassifier(ConvNet(1, (8, 16, 16), 32, batch_norm=True), num_classes=10, embedding_size=16)
     hparams = {
         "_class_path": "lit_cf.models.DUQClassifier",
-        "backbone": {"class_path": "lit_cf.models.ConvNet", "init_args": {
-            "in_channels": 1, "channels": [8, 16, 16], "hidden": 32, "batch_norm": True, "image_size": 28, "dropout": 0.0}},
-        "num_classes": 10, "embedding_size": 16, "length_scale": 0.1, "gamma": 0.999, "gp_weight": 0.05,
-        "centroid_features": "recompute", "input_mean": None, "input_std": None,
+        "backbone": {
+            "class_path": "lit_cf.models.ConvNet",
+            "init_args": {
+                "in_channels": 1,
+                "channels": [8, 16, 16],
+                "hidden": 32,
+                "batch_norm": True,
+                "image_size": 28,
+                "dropout": 0.0,
+            },
+        },
+        "num_classes": 10,
+        "embedding_size": 16,
+        "length_scale": 0.1,
+        "gamma": 0.999,
+        "gp_weight": 0.05,
+        "centroid_features": "recompute",
+        "input_mean": None,
+        "input_std": None,
         "_instantiator": "lightning.pytorch.cli.instantiate_module",
     }
     path = tmp_path / "old.ckpt"
@@ -277,9 +308,18 @@ def test_repro_duq_resumes_from_last_checkpoint(tmp_path, monkeypatch):
     write_idx_dataset(tmp_path / "data", name="MNIST", n_train=64, n_test=32, seed=1)
     monkeypatch.chdir(tmp_path)
     argv = [
-        "--root", "data", "--out", "out", "--epochs", "3", "--only", "fashion_mnist",
-        "--data.init_args.val_size=8", "--data.init_args.batch_size=16",  # 56 images: 3 full batches + 8 dropped
-        "--model.init_args.backbone.init_args.channels=[4,8,8]", "--model.init_args.backbone.init_args.hidden=16",
+        "--root",
+        "data",
+        "--out",
+        "out",
+        "--epochs",
+        "3",
+        "--only",
+        "fashion_mnist",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=16",  # 56 images: 3 full batches + 8 dropped
+        "--model.init_args.backbone.init_args.channels=[4,8,8]",
+        "--model.init_args.backbone.init_args.hidden=16",
         "--model.init_args.embedding_size=8",
     ]
     first = repro_duq.main([*argv, "--stop-after", "1"])["fashion_mnist"]

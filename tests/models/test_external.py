@@ -47,7 +47,9 @@ def reference(x: torch.Tensor) -> torch.Tensor:
         return model((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1))
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "pt", "traced_weights", "torchscript_path", "scripted_path", "module", "callable"])
+@pytest.mark.parametrize(
+    "kind", ["safetensors", "pt", "traced_weights", "torchscript_path", "scripted_path", "module", "callable"]
+)
 def test_every_source_gives_the_same_frozen_classifier(files, kind):
     x = torch.rand(4, 3, 16, 16)
     norm = {"input_mean": MEAN, "input_std": STD}
@@ -101,12 +103,16 @@ def test_output_kinds(tmp_path):
     x = torch.rand(5, 3, 8, 8)
     torch.manual_seed(0)
     net = _OneLogit().eval()
-    binary, info = load_classifier({"module": net, "weights": _save(net, tmp_path / "b.safetensors"), "output": "binary_logit"}, x)
+    binary, info = load_classifier(
+        {"module": net, "weights": _save(net, tmp_path / "b.safetensors"), "output": "binary_logit"}, x
+    )
     assert binary.num_classes == 2 and info["output"] == "binary_logit"
     p = torch.sigmoid(net(x))[:, 0]
     torch.testing.assert_close(binary.probabilities(x), torch.stack([1 - p, p], 1), atol=1e-6, rtol=1e-5)
     probs_net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.Softmax(-1)).eval()
-    model, _ = load_classifier({"module": probs_net, "weights": _save(probs_net, tmp_path / "p.safetensors"), "output": "probabilities"}, x)
+    model, _ = load_classifier(
+        {"module": probs_net, "weights": _save(probs_net, tmp_path / "p.safetensors"), "output": "probabilities"}, x
+    )
     torch.testing.assert_close(model.probabilities(x), probs_net(x), atol=1e-6, rtol=1e-5)
 
 
@@ -154,7 +160,12 @@ def _bad_sources(files: dict[str, Path], tmp: Path) -> list[tuple[str, str]]:
     with zipfile.ZipFile(files["traced"]) as src, zipfile.ZipFile(corrupt, "w") as dst:
         for item in src.infolist():
             data = src.read(item)
-            dst.writestr(item, b"def forward(self, x):\n  return @@ not torchscript\n" if "/code/" in item.filename and item.filename.endswith(".py") else data)
+            dst.writestr(
+                item,
+                b"def forward(self, x):\n  return @@ not torchscript\n"
+                if "/code/" in item.filename and item.filename.endswith(".py")
+                else data,
+            )
     evil = tmp / "evil.pth"
     torch.save({"conv1.weight": _Evil(tmp / "PWNED")}, evil)
     volume = _Volume()
@@ -167,8 +178,16 @@ def _bad_sources(files: dict[str, Path], tmp: Path) -> list[tuple[str, str]]:
         (json.dumps({"module": RESNET, "weights": str(wrong)}), "unexpected keys (e.g. ['extra.weight'])"),
         (str(corrupt), "cannot load TorchScript file"),
         (json.dumps({"module": {"class_path": "no_such_pkg.nets.Net"}, "weights": str(files["pt"])}), "no_such_pkg.nets.Net"),
-        (json.dumps({"module": {"class_path": "tests.models.test_external._Volume"}, "weights": str(tmp / "volume.safetensors")}), "[N, C]"),
-        (json.dumps({"module": gray, "weights": str(files["pt"]), "input_mean": [0.5, 0.5]}), "input_mean has 2 values but the images have 3"),
+        (
+            json.dumps(
+                {"module": {"class_path": "tests.models.test_external._Volume"}, "weights": str(tmp / "volume.safetensors")}
+            ),
+            "[N, C]",
+        ),
+        (
+            json.dumps({"module": gray, "weights": str(files["pt"]), "input_mean": [0.5, 0.5]}),
+            "input_mean has 2 values but the images have 3",
+        ),
         (json.dumps({"module": RESNET, "weights": str(evil)}), "refused"),
     ]
 
@@ -232,8 +251,14 @@ def test_help_documents_the_mapping_and_yaml_configs_take_it(files, folder, tmp_
     with pytest.raises(SystemExit):
         main(["explain", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    for part in ("{module: {class_path: torchvision.models.resnet18, init_args: {num_classes: 3}}", "weights:",
-                 "input_mean:", "binary_logit", "class_names:", "TorchScript"):
+    for part in (
+        "{module: {class_path: torchvision.models.resnet18, init_args: {num_classes: 3}}",
+        "weights:",
+        "input_mean:",
+        "binary_logit",
+        "class_names:",
+        "TorchScript",
+    ):
         assert part in help_text, part
     config = tmp_path / "classifier.yaml"  # the mapping in a YAML config, as in the issue
     config.write_text(

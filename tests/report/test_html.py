@@ -284,11 +284,20 @@ def test_renders_in_chromium(report, tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run(
         [
-            chromium, "--headless", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage",
-            "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
-            f"--screenshot={shot}", path.resolve().as_uri(),
+            chromium,
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,2400",
+            f"--screenshot={shot}",
+            path.resolve().as_uri(),
         ],
-        check=True, capture_output=True, timeout=120,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     assert shot.is_file() and shot.stat().st_size > 0
     with Image.open(shot) as im:

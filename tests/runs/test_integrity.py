@@ -178,6 +178,7 @@ def test_parse_row_checks_fields():
 
 def test_explainers_reexports_the_run_format():
     from lit_cf.explainers import ExplainRun as A
-    from lit_cf.explainers.rundir import ExplainRun as B, RunDir as C
+    from lit_cf.explainers.rundir import ExplainRun as B
+    from lit_cf.explainers.rundir import RunDir as C
 
     assert A is B is ExplainRun and C is RunDir
