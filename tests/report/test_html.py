@@ -6,8 +6,6 @@ import base64
 import io
 import math
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from PIL import Image
 
 from lit_cf.report import GridRow, ReportSection, markdown_table, write_report
 from lit_cf.report.html import signed_difference_map
+from tests.report.chromium import find_chromium, load_page
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 EVIL = "<script>alert('x')</script>"
@@ -277,30 +276,53 @@ def test_formatting_of_numeric_types():
 
 @pytest.mark.chromium
 def test_renders_in_chromium(report, tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("chromium is not installed")
     path, _ = report
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--disable-gpu",
-            "--no-sandbox",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1280,2400",
-            f"--screenshot={shot}",
-            path.resolve().as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    assert shot.is_file() and shot.stat().st_size > 0
-    with Image.open(shot) as im:
-        assert im.size == (1280, 2400)
+    page = load_page(path, tmp_path / "profile", window=(1280, 2400))
+    assert page.title == "Counterfactual report <v1>"
+    assert len(page.images) == 3 * 8 + 2
+    assert page.broken_images == []
+    assert all(img["complete"] and img["naturalHeight"] > 0 for img in page.images)
+    assert page.console == []  # no console errors or warnings, no failed loads, no exceptions
+    with Image.open(io.BytesIO(page.screenshot)) as im:
+        assert im.width == 1280 and im.height > 2000  # the viewport (window less headless chrome's frame)
         lo, hi = im.convert("L").getextrema()
         assert hi - lo > 100  # not a blank page
+
+
+@pytest.mark.chromium
+def test_chromium_check_flags_broken_images(tmp_path):
+    """The checker is not vacuous: an undecodable data URI, a missing file and a script error are caught."""
+    good = _Structure()
+    good_png = io.BytesIO()
+    Image.new("RGB", (5, 3), (200, 10, 10)).save(good_png, format="PNG")
+    ok_src = "data:image/png;base64," + base64.b64encode(good_png.getvalue()).decode()
+    page_html = tmp_path / "broken.html"
+    page_html.write_text(
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>broken</title></head><body>"
+        f"<img alt='ok' src='{ok_src}'>"
+        "<img alt='corrupt' src='data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAUAAAAD'>"
+        "<img alt='missing' src='no-such-image.png'>"
+        "<script>undefinedFunction();</script>"
+        "</body></html>",
+        encoding="utf-8",
+    )
+    good.feed(page_html.read_text(encoding="utf-8"))
+    assert len(good.imgs) == 3  # well-formed: only a browser sees what is wrong
+    page = load_page(page_html, tmp_path / "profile")
+    assert [img["alt"] for img in page.images] == ["ok", "corrupt", "missing"]
+    assert page.images[0]["naturalWidth"] == 5 and page.images[0]["naturalHeight"] == 3
+    assert [img["alt"] for img in page.broken_images] == ["corrupt", "missing"]
+    errors = " | ".join(text for _, text in page.errors)
+    assert "no-such-image.png" in errors  # the failed load is logged
+    assert "undefinedFunction" in errors  # the uncaught exception too
+
+
+def test_missing_chromium_fails_in_ci(monkeypatch):
+    """CI must never skip the browser test: without Chromium it fails there, and skips elsewhere."""
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        find_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        find_chromium()

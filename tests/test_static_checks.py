@@ -1,0 +1,120 @@
+"""CI wiring: the README's test command runs the static checks before pytest, the package ships its
+py.typed marker, and .ci/run installs Chromium for the browser test (or fails clearly)."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands(script: Path) -> list[list[str]]:
+    """The commands of a shell script, one token list a command (comments and `set`/`cd` lines dropped)."""
+    commands = []
+    for line in script.read_text(encoding="utf-8").splitlines():
+        line = line.split(" #")[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        for part in line.split("&&"):
+            tokens = shlex.split(part)
+            if tokens and tokens[0] not in ("set", "cd", "echo"):
+                commands.append(tokens)
+    return commands
+
+
+def test_test_script_runs_static_checks_before_pytest():
+    commands = _commands(ROOT / "scripts" / "test.sh")
+    tools = [" ".join(c[:4]) for c in commands]
+    want = [
+        "python -m pip install",
+        "python -m ruff format",
+        "python -m ruff check",
+        "python -m mypy",
+        "python -m pytest -q",
+    ]
+    assert [t for t in tools if any(t.startswith(w) for w in want)] == [
+        next(t for t in tools if t.startswith(w)) for w in want
+    ], tools  # each once, in this order: install, format check, lint, types, tests
+    by_tool = {" ".join(c[:4]): c for c in commands}
+    fmt = by_tool["python -m ruff format"]
+    assert "--check" in fmt and fmt[-3:] == ["lit_cf", "tests", "scripts"]
+    assert by_tool["python -m ruff check"][-3:] == ["lit_cf", "tests", "scripts"]
+    assert by_tool["python -m mypy"] == ["python", "-m", "mypy"]  # files and strictness come from pyproject
+    assert "set -euo pipefail" in (ROOT / "scripts" / "test.sh").read_text(encoding="utf-8")  # a finding stops the run
+
+
+def test_ci_runs_the_test_script():
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert lines[-1] == "bash scripts/test.sh"  # exactly the README's test command, last
+
+
+def test_py_typed_is_packaged():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert (ROOT / "lit_cf" / "py.typed").is_file()
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["lit_cf"]
+    assert config["tool"]["mypy"]["files"] == ["lit_cf"]
+    dev = " ".join(config["project"]["optional-dependencies"]["dev"])
+    assert "ruff" in dev and "mypy" in dev
+
+
+def _fake_ci(tmp_path: Path, apt_get: str, apt_cache: str) -> subprocess.CompletedProcess[str]:
+    """Run a copy of .ci/run in a fake checkout whose scripts/test.sh only reports it ran, with
+    apt-get and apt-cache replaced by stubs and no chromium on PATH."""
+    repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
+    (repo / ".ci").mkdir(parents=True)
+    (repo / "scripts").mkdir()
+    bin_dir.mkdir(exist_ok=True)
+    shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
+    (repo / "scripts" / "test.sh").write_text('echo "test.sh ran with CI=$CI"\n')
+    log = tmp_path / "apt.log"
+    for name, body in (("apt-get", apt_get), ("apt-cache", apt_cache)):
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/bash\necho "{name} $*" >> {log}\n{body}\n')
+        stub.chmod(0o755)
+    for tool in ("bash", "dirname", "chmod"):  # what the script needs besides the stubs
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    return subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_ci_installs_missing_chromium(tmp_path):
+    chromium = tmp_path / "bin" / "chromium"
+    installs = f'if [ "$1" = install ]; then printf "#!/bin/bash\\necho Chromium 1.0\\n" > {chromium}; chmod +x {chromium}; fi'
+    done = _fake_ci(tmp_path, apt_get=installs, apt_cache="exit 100")  # package lists empty: update first
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "apt.log").read_text().splitlines() == [
+        "apt-cache show chromium",
+        "apt-get update -qq",
+        "apt-get install -y -qq --no-install-recommends chromium",
+    ]
+    assert "test.sh ran with CI=true" in done.stdout
+
+
+def test_ci_fails_clearly_when_chromium_cannot_be_installed(tmp_path):
+    done = _fake_ci(tmp_path, apt_get="exit 100", apt_cache="exit 0")
+    assert done.returncode == 1
+    assert "could not install Chromium" in done.stderr
+    assert "test.sh ran" not in done.stdout  # the tests never start
+    assert (tmp_path / "apt.log").read_text().splitlines() == [
+        "apt-cache show chromium",
+        "apt-get install -y -qq --no-install-recommends chromium",
+    ]  # the package was known: no update
+
+
+def test_ci_skips_install_when_chromium_present(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "chromium").write_text("#!/bin/bash\necho Chromium 1.0\n")
+    (bin_dir / "chromium").chmod(0o755)
+    done = _fake_ci(tmp_path, apt_get="exit 1", apt_cache="exit 1")
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "apt.log").exists()  # apt untouched
+    assert "test.sh ran with CI=true" in done.stdout
