@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -59,25 +59,31 @@ def _datamodule(images: Any, classifier: Any, image_size: int | None, channels: 
     if isinstance(images, Tensor):
         return TensorDataModule.from_tensor(images), "all"
     if isinstance(images, (str, Path)) or (isinstance(images, Sequence) and not isinstance(images, (str, bytes))):
-        folder = isinstance(images, (str, Path))
-        if folder and not Path(images).is_dir():
-            raise UserError(f"images: {images} is not a folder (give a folder, a list of image files, or a tensor)")
-        files = None if folder else [str(f) for f in images]
-        if not folder and not files:
-            raise UserError("images: the list of files is empty")
+        folder: Path | None = None
+        files: list[str] | None = None
+        if isinstance(images, (str, Path)):
+            folder = Path(images)
+            if not folder.is_dir():
+                raise UserError(f"images: {images} is not a folder (give a folder, a list of image files, or a tensor)")
+        else:
+            files = [str(f) for f in images]
+            if not files:
+                raise UserError("images: the list of files is empty")
         if image_size is None or channels is None:
             from PIL import Image
 
             from lit_cf.data.image_folder import scan_folder
 
-            first = Path(files[0]) if files else scan_folder(images)[0][0]
+            first = Path(files[0]) if files else scan_folder(cast(Path, folder))[0][0]  # files is None: a folder
             if not first.is_file():
                 raise UserError(f"image file not found: {first}")
             with Image.open(first) as im:
                 size, mode = min(im.size), im.mode
             image_size = image_size or size
             channels = channels or _first_conv_channels(classifier) or (1 if mode in ("L", "1", "I;16") else 3)
-        dm = ImageFolderDataModule(root=str(images) if folder else None, files=files, image_size=image_size, channels=channels)
+        dm = ImageFolderDataModule(
+            root=str(images) if folder is not None else None, files=files, image_size=image_size, channels=channels
+        )
         return dm, "all"
     raise UserError(f"images must be a tensor [N, C, H, W], a list of image files or a folder, got {type(images).__name__}")
 
@@ -141,10 +147,15 @@ def explain(
 
     datamodule, default_split = _datamodule(images, classifier, image_size, channels)
     method = _method(method)
-    saved = None
+    saved: tuple[nn.Module, bool, list[tuple[nn.Parameter, bool]]] | None = None
     if isinstance(classifier, nn.Module):  # restored afterwards: the user's model is theirs
-        saved = (classifier.training, [(p, p.requires_grad) for p in classifier.parameters()])
-    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+        saved = (classifier, classifier.training, [(p, p.requires_grad) for p in classifier.parameters()])
+    options: dict[str, Any] = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
     options.update(trainer)
     try:
         run_explain(
@@ -165,8 +176,9 @@ def explain(
         )
     finally:
         if saved is not None:
-            classifier.train(saved[0])
-            for p, flag in saved[1]:
+            module, training, flags = saved
+            module.train(training)
+            for p, flag in flags:
                 p.requires_grad_(flag)
     return ExplainRun(output_dir)
 

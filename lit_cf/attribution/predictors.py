@@ -20,9 +20,10 @@ ever re-encoded; this module fits them:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -357,11 +358,12 @@ def encode_dataset(
     ``generator`` is anything with ``encode(x) -> z`` (an autoencoder, or a GAN-inversion
     wrapper); it is put in eval mode. Returns ``[N, *latent_shape]``.
     """
-    if not callable(getattr(generator, "encode", None)):
+    encode = getattr(generator, "encode", None)
+    if not callable(encode):
         raise UserError(f"{type(generator).__name__} has no encode(x) method: pass an autoencoder or an inversion wrapper")
     device = torch.device(device) if device is not None else next(generator.parameters(), torch.empty(0)).device
     generator.eval()
-    out = [generator.encode(batch["image"].to(device)).float().cpu() for batch in _image_loader(dataset, batch_size)]
+    out = [encode(batch["image"].to(device)).float().cpu() for batch in _image_loader(dataset, batch_size)]
     if not out:
         raise UserError("the dataset is empty: nothing to encode")
     return torch.cat(out)
@@ -376,7 +378,7 @@ class DescriptorTargets:
     kinds: list[str]
 
 
-def _find_attr(dataset: object, attr: str) -> object | None:
+def _find_attr(dataset: object, attr: str) -> Any:
     """``dataset.attr``, looking through wrappers that keep the wrapped set in ``.dataset``."""
     seen = 0
     while dataset is not None and seen < 8:
@@ -396,7 +398,7 @@ def descriptor_targets(dataset: Dataset, batch_size: int = 512) -> DescriptorTar
     * neither, grayscale images (MNIST, Fashion-MNIST): the image moments of
       :func:`mnist_descriptors`, all continuous.
     """
-    if len(dataset) == 0:
+    if len(cast(Sized, dataset)) == 0:
         raise UserError("the dataset is empty: no descriptors to compute")
     first = dataset[0]
     if "factors" in first:

@@ -223,15 +223,16 @@ def attribute_run(
     names = list(names)
     if inputs == "auto":
         inputs = "latent" if isinstance(predictor_fn, LinearPredictors) and _has_tensor(run, "latent") else "image"
+    fn: Callable[[Tensor], Tensor]
+    dev: torch.device | None
     if isinstance(predictor_fn, LinearPredictors):
-        fn: Callable[[Tensor], Tensor] = predictor_fn.predict
+        fn = predictor_fn.predict
         dev = torch.device(device) if device is not None else predictor_fn.weight.device
-    elif callable(getattr(predictor_fn, "predict_descriptors", None)):
-        module = predictor_fn
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-        fn = module.predict_descriptors
-        first = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+    elif callable(predict_descriptors := getattr(predictor_fn, "predict_descriptors", None)):
+        if isinstance(predictor_fn, torch.nn.Module):
+            predictor_fn.eval()
+        fn = predict_descriptors
+        first = next(predictor_fn.parameters(), None) if isinstance(predictor_fn, torch.nn.Module) else None
         dev = torch.device(device) if device is not None else (first.device if first is not None else None)
     elif callable(predictor_fn):
         fn, dev = predictor_fn, torch.device(device) if device is not None else None
@@ -250,9 +251,9 @@ def attribute_run(
     if not keep:
         raise UserError("no successful counterfactuals in this run to attribute (or pass successful_only=False)")
     sel = torch.tensor(keep)
-    before, after = run.tensor(keys[0])[sel], run.tensor(keys[1])[sel]
-    desc_query = _batched(fn, before, batch_size, dev)
-    desc_cf = _batched(fn, after, batch_size, dev)
+    x_before, x_after = run.tensor(keys[0])[sel], run.tensor(keys[1])[sel]
+    desc_query = _batched(fn, x_before, batch_size, dev)
+    desc_cf = _batched(fn, x_after, batch_size, dev)
 
     method = (getattr(run, "meta", None) or {}).get("method", {})
     targets = torch.tensor([rows[i]["target"] for i in keep])

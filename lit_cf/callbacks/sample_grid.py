@@ -24,7 +24,7 @@ class SampleGridLogger(Callback):
         self.nrow = nrow
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by lightning at fit time, not declared on Trainer
         if self.num_samples <= 0 or datamodule is None or not hasattr(datamodule, "dataset"):
             return
         dataset = datamodule.dataset("train")

@@ -265,7 +265,7 @@ class ACE(DiffusionCounterfactual):
         timesteps = self.grid()
         adv, filtered, used = ace_attack(
             counted,
-            self.classifier,
+            self.attached_classifier(),
             x,
             target,
             seeds,

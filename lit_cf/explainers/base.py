@@ -23,7 +23,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -75,7 +75,7 @@ class CounterfactualMethod(L.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if stop_probability is not None and not 0.0 < stop_probability <= 1.0:
             raise ValueError(f"stop_probability must be in (0, 1] or None, got {stop_probability}")
-        self.steps, self.lr, self.betas = steps, lr, tuple(betas)
+        self.steps, self.lr, self.betas = steps, lr, cast(tuple[float, float], tuple(betas))
         self.stop_probability = stop_probability
         self.log_every = log_every
         self.classifier: ImageClassifier | None = None
@@ -198,6 +198,12 @@ class CounterfactualMethod(L.LightningModule):
                 "(lit-cf explain does this for you)"
             )
 
+    def attached_classifier(self) -> ImageClassifier:
+        """The attached classifier; raises like :meth:`check_ready` when none is attached."""
+        if self.classifier is None:
+            raise RuntimeError("no classifier attached: call attach(classifier) before explaining")
+        return self.classifier
+
     def new_latents(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         """Leaf latents from :meth:`init_latents` and their zeroed Adam moments."""
         latents = {k: v.detach().float().requires_grad_(True) for k, v in self.init_latents(batch).items()}
@@ -224,9 +230,10 @@ class CounterfactualMethod(L.LightningModule):
         if active is None:
             active = torch.ones(len(target), dtype=torch.bool, device=target.device)
         steps_used = torch.where(active, steps, 0).to(target.dtype)
+        classifier = self.attached_classifier()
         for step in range(steps):
             x_cf = self.render(latents, batch)
-            logits = self.classifier(x_cf)
+            logits = classifier(x_cf)
             target_prob = logits.float().softmax(-1).gather(1, target[:, None]).squeeze(1).detach()
             done = active & self.target_reached(target_prob)
             steps_used = torch.where(done, torch.full_like(steps_used, step), steps_used)
@@ -253,7 +260,7 @@ class CounterfactualMethod(L.LightningModule):
             steps_used, _ = self.descend(latents, moments, t, batch, self.steps)
             with torch.no_grad():
                 x_cf = self.render(latents, batch).detach()
-                probs = self.classifier(x_cf).float().softmax(-1)
+                probs = self.attached_classifier()(x_cf).float().softmax(-1)
                 extras = {k: v.detach() for k, v in self.extra_outputs(latents, batch).items()}
         return {
             "counterfactual": x_cf.clamp(0, 1),
@@ -266,7 +273,7 @@ class CounterfactualMethod(L.LightningModule):
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        out = self.optimise(batch)
+        out: dict[str, Any] = self.optimise(batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             out["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -341,8 +348,8 @@ def tv_losses(x: Tensor) -> tuple[Tensor, Tensor]:
         x[..., 1:, :-1] - x[..., :-1, 1:],
         x[..., :-1, :-1] - x[..., 1:, 1:],
     ]
-    tv1 = sum(per_image_sum(d.abs()) for d in diffs)
-    tv2 = sum(per_image_sum(d * d) for d in diffs).clamp_min(1e-12).sqrt()
+    tv1 = cast(Tensor, sum(per_image_sum(d.abs()) for d in diffs))  # sum() of tensors: a tensor
+    tv2 = cast(Tensor, sum(per_image_sum(d * d) for d in diffs)).clamp_min(1e-12).sqrt()
     return tv1, tv2
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -83,7 +85,7 @@ class DeepInversionCounterfactual(CounterfactualMethod):
 
     # BatchNorm inputs are captured with forward hooks while the loss forward pass runs
     def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        self._bn_inputs.append((module, inputs[0]))
+        self._bn_inputs.append((cast(nn.BatchNorm2d, module), inputs[0]))  # hooked on BatchNorm2d layers only
 
     def init_latents(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.bn_weight and getattr(self.classifier, "scripted", False) and not self.__dict__.get("_warned_scripted"):
@@ -96,7 +98,7 @@ class DeepInversionCounterfactual(CounterfactualMethod):
                 stacklevel=2,
             )
         if not self.has_hooks():  # removed again when the predict loop ends (CounterfactualMethod.remove_hooks)
-            for m in self.classifier.modules():
+            for m in self.attached_classifier().modules():
                 if isinstance(m, nn.BatchNorm2d):
                     self.add_forward_hook(m, self._capture)
         # per record: 2 jitter offsets + 1 flip coin for every step, from the record's own seed
@@ -110,7 +112,8 @@ class DeepInversionCounterfactual(CounterfactualMethod):
         latents["x"].clamp_(0, 1)
 
     def bn_loss(self) -> Tensor:
-        total = 0.0
+        """The BN statistics term per image ``[B]`` of the last forward pass (call it when a BatchNorm layer ran)."""
+        total: Tensor | float = 0.0
         for i, (bn, h) in enumerate(self._bn_inputs):
             if self.bn_statistics == "per_image":
                 mu, var = h.mean((2, 3)), h.var((2, 3), unbiased=False)  # [B, C]
@@ -118,15 +121,20 @@ class DeepInversionCounterfactual(CounterfactualMethod):
                 mu = h.mean((0, 2, 3)).expand(len(h), -1)
                 var = h.var((0, 2, 3), unbiased=False).expand(len(h), -1)
             w = self.first_bn_multiplier if i == 0 else 1.0
-            total = total + w * ((mu - bn.running_mean).norm(dim=1) + (var - bn.running_var).norm(dim=1))
-        return total
+            # the hooked layers track running statistics (eval mode uses them), so these are tensors
+            running_mean, running_var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+            total = total + w * ((mu - running_mean).norm(dim=1) + (var - running_var).norm(dim=1))
+        return cast(Tensor, total)  # a tensor once one BatchNorm input was captured
 
-    def loss_terms(self, x_cf, logits, latents, batch, step):
+    def loss_terms(
+        self, x_cf: Tensor, logits: Tensor, latents: dict[str, Tensor], batch: dict[str, Tensor], step: int
+    ) -> dict[str, Tensor]:
+        assert self._draws is not None  # drawn by init_latents for this chunk
         draws = self._draws[:, step]
         shifts = ((draws[:, :2] * (2 * self.jitter + 1)).floor() - self.jitter).long()
         flips = (draws[:, 2] < 0.5) & self.flip
         self._bn_inputs = []
-        logits_aug = self.classifier(jitter_flip(x_cf, shifts, flips))
+        logits_aug = self.attached_classifier()(jitter_flip(x_cf, shifts, flips))
         terms = {"cf": cross_entropy_to_target(logits_aug, batch["target"])}
         if self._bn_inputs and self.bn_weight:
             terms["bn"] = self.bn_weight * self.bn_loss()

@@ -133,6 +133,7 @@ class DiffusionCounterfactual(CounterfactualMethod):
         dataset as ``datamodule``.
         """
         self.check()
+        assert self._checked is not None  # set by check()
         hparams, trained_on = self._checked["hparams"], self._checked["data"]
         ddpm_shape = tuple(int(s) for s in hparams.get("image_shape", (1, 28, 28)))
         if tuple(image_shape) != ddpm_shape:
@@ -230,6 +231,6 @@ class DiffusionCounterfactual(CounterfactualMethod):
             x_cf, extras = self.generate(batch)
         with torch.no_grad():
             x_cf = x_cf.detach().float().clamp(0, 1)
-            probs = self.classifier(x_cf).float().softmax(-1)
+            probs = self.attached_classifier()(x_cf).float().softmax(-1)
         steps = torch.full_like(batch["target"], self.num_steps)
         return {"counterfactual": x_cf, "final_probs": probs, "steps": steps, **{k: v.detach() for k, v in extras.items()}}

@@ -35,16 +35,20 @@ _MIX = 6364136223846793005  # an odd 64-bit multiplier (Knuth's MMIX LCG) to spr
 _INC = 1442695040888963407
 
 
-class Denoiser(Protocol):
+class ModelSpace(Protocol):
+    """The image <-> denoiser-space maps of a denoiser (what :func:`mask_to_model` needs)."""
+
+    def to_model(self, x01: Tensor) -> Tensor: ...
+
+    def to_image(self, xm: Tensor) -> Tensor: ...
+
+
+class Denoiser(ModelSpace, Protocol):
     """What the methods use of a :class:`~lit_cf.models.diffusion.DiffusionModel`."""
 
     alphas_cumprod: Tensor
 
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor: ...
-
-    def to_model(self, x01: Tensor) -> Tensor: ...
-
-    def to_image(self, xm: Tensor) -> Tensor: ...
 
 
 def stream_seeds(seeds: Tensor, *stream: int) -> Tensor:
@@ -78,7 +82,7 @@ def difference_mask(x: Tensor, y: Tensor, kernel: int, threshold: float) -> Tens
     return (dilated > threshold).to(x.dtype)
 
 
-def mask_to_model(denoiser: Denoiser, mask_image: Tensor, channels: int) -> Tensor:
+def mask_to_model(denoiser: ModelSpace, mask_image: Tensor, channels: int) -> Tensor:
     """An image-space mask ``[B, 1, H, W]`` lifted to the denoiser's space (padded or resized as it does).
 
     ``to_model`` maps 0 below and 1 above zero, so thresholding at 0 keeps the mask binary; a

@@ -47,7 +47,7 @@ def load_diffusion(path: str | Path) -> DiffusionModel:
     Raises:
         UserError: missing or unreadable file, or a checkpoint of another kind of model.
     """
-    return freeze(load_module(path, DiffusionModel))  # type: ignore[return-value]
+    return freeze(load_module(path, DiffusionModel))
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -70,10 +70,10 @@ class NoiseStream:
 
     def __init__(self, seeds: Tensor, shape: Sequence[int], device: torch.device | str) -> None:
         self.shape, self.device = tuple(shape), torch.device(device)
-        seeds = [int(s) for s in seeds.tolist()]
+        seed_list = [int(s) for s in seeds.tolist()]
         # one generator per record: the loop is over the chunk once per draw, not per pixel
-        self._normal = [_generator(s) for s in seeds]
-        self._uniform = [_generator(s * 7_919 + 104_729) for s in seeds]
+        self._normal = [_generator(s) for s in seed_list]
+        self._uniform = [_generator(s * 7_919 + 104_729) for s in seed_list]
 
     def __len__(self) -> int:
         return len(self._normal)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +199,12 @@ class DISCCounterfactual(CounterfactualMethod):
     def _uses_aux_duq(self) -> bool:
         return bool(self.mc_weight) and self.duq_source not in (None, *DUQ_CHOICES)
 
+    def _duq_path(self) -> str:
+        """The auxiliary DUQ checkpoint (only called where :meth:`_uses_aux_duq` holds)."""
+        if self.duq_source is None:
+            raise RuntimeError("no auxiliary DUQ checkpoint configured")
+        return self.duq_source
+
     def _resolve_duq(self, classifier: ImageClassifier) -> str | None:
         """``"self"``, the auxiliary checkpoint, or ``None`` (term off) for this classifier."""
         from lit_cf.models.duq import DUQClassifier
@@ -250,7 +256,7 @@ class DISCCounterfactual(CounterfactualMethod):
             return
         from lit_cf.models.duq import DUQClassifier
 
-        cls, _ = checkpoint_class(self.duq_source)
+        cls, _ = checkpoint_class(self._duq_path())
         if not (isinstance(cls, type) and issubclass(cls, DUQClassifier)):
             raise UserError(
                 f"duq: {self.duq_source} holds a {cls.__name__ if isinstance(cls, type) else cls}, not a DUQClassifier: "
@@ -262,7 +268,7 @@ class DISCCounterfactual(CounterfactualMethod):
         self.check()  # explain plans the run with describe(): fail before any output exists
         out = super().describe()
         if self._uses_aux_duq():
-            out["duq_sha256"] = file_sha256(self.duq_source)
+            out["duq_sha256"] = file_sha256(self._duq_path())
         out["manifold_consistency"] = self.manifold_consistency()
         return out
 
@@ -281,7 +287,7 @@ class DISCCounterfactual(CounterfactualMethod):
                         f"{type(classifier).__name__}: pass an auxiliary DUQ checkpoint as duq instead"
                     )
             elif self.duq_model is None:
-                duq = load_module(self.duq_source, DUQClassifier)
+                duq = load_module(self._duq_path(), DUQClassifier)
                 if duq.num_classes != classifier.num_classes:
                     raise UserError(
                         f"the DUQ model {self.duq_source} has {duq.num_classes} classes, the classifier "
@@ -302,7 +308,7 @@ class DISCCounterfactual(CounterfactualMethod):
                 "DISC's feature preservation observes the classifier's layers, which TorchScript does not allow: give the "
                 "classifier as {module: {class_path: ...}, weights: <the TorchScript file>} or set feature_weight: 0"
             )
-        modules = dict(self.classifier.named_modules())
+        modules = dict(self.attached_classifier().named_modules())
         if self.feature_layers is None:
             names = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
             if not names:
@@ -318,7 +324,7 @@ class DISCCounterfactual(CounterfactualMethod):
     def _register_hooks(self) -> None:
         # registered inside the predict loop, not in attach, so the method stays picklable for ddp_spawn
         if not self.has_hooks():  # removed again when the predict loop ends (CounterfactualMethod.remove_hooks)
-            modules = dict(self.classifier.named_modules())
+            modules = dict(self.attached_classifier().named_modules())
             for n in self._layer_names:
                 self.add_forward_hook(modules[n], self._capture)
 
@@ -327,7 +333,7 @@ class DISCCounterfactual(CounterfactualMethod):
 
     # ----------------------------------------------------------------- losses
     def feature_loss(self, feats: list[Tensor], ref: list[Tensor]) -> Tensor:
-        total = 0.0
+        total: Tensor | float = 0.0
         for a, b in zip(feats, ref):
             a, b = a.float().flatten(1), b.float().flatten(1)
             if self.feature_distance == "mse":
@@ -336,11 +342,15 @@ class DISCCounterfactual(CounterfactualMethod):
                 total = total + (a - b).square().sum(1) / b.square().sum(1).clamp_min(1e-12)
             else:
                 total = total + 1 - F.cosine_similarity(a, b, dim=1, eps=1e-8)
-        return total
+        return cast(Tensor, total)  # a tensor: DISC preserves at least one layer when feature_weight is on
 
     def manifold_loss(self, x_cf: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         # DUQ logits are the log-kernel values log K_c(x)
-        log_k = logits.float() if self._mc_source == "self" or self.duq_source == "self" else self.duq_model(x_cf).float()
+        if self._mc_source == "self" or self.duq_source == "self":
+            log_k = logits.float()
+        else:
+            assert self.duq_model is not None  # attach() loads the auxiliary DUQ model
+            log_k = self.duq_model(x_cf).float()
         if self.mc_loss == "log_kernel":
             return -log_k.gather(1, target[:, None]).squeeze(1)
         onehot = F.one_hot(target, log_k.shape[1]).float()
@@ -348,7 +358,9 @@ class DISCCounterfactual(CounterfactualMethod):
         log_1mk = torch.log1p(-log_k.exp().clamp(max=1 - 1e-6))
         return -(onehot * log_k + (1 - onehot) * log_1mk).sum(1)
 
-    def loss_terms(self, x_cf, logits, latents, batch, step):
+    def loss_terms(
+        self, x_cf: Tensor, logits: Tensor, latents: dict[str, Tensor], batch: dict[str, Tensor], step: int
+    ) -> dict[str, Tensor]:
         target = batch["target"]
         feats, self._feats = self._feats, []
         terms: dict[str, Tensor] = {}
@@ -387,9 +399,9 @@ class DISCCounterfactual(CounterfactualMethod):
         with torch.no_grad():
             x0 = self.prior.render(self._params(latents))
             self._feats = []
-            probs = self.classifier(x0).float().softmax(-1)
+            probs = self.attached_classifier()(x0).float().softmax(-1)
             self._feats = []
-            query_logits = self.classifier(query)  # and the query's features at the preserved layers
+            query_logits = self.attached_classifier()(query)  # and the query's features at the preserved layers
             ref, self._feats = self._feats, []
         source = batch["orig_pred"] if "orig_pred" in batch else query_logits.argmax(-1)
         self._chunk.update(
@@ -483,7 +495,7 @@ class DISCCounterfactual(CounterfactualMethod):
                 used, t = self.descend(latents, moments, t, batch, budget, active=alive)
                 with torch.no_grad():
                     x = self.render(latents, batch).detach()
-                    p = self.classifier(x).float().softmax(-1).gather(1, target[:, None]).squeeze(1)
+                    p = self.attached_classifier()(x).float().softmax(-1).gather(1, target[:, None]).squeeze(1)
                     if by_steps:  # an image that reached stop_probability stays stopped
                         alive = alive & ~self.target_reached(p)
                     elif self.progressive:
@@ -503,7 +515,7 @@ class DISCCounterfactual(CounterfactualMethod):
             self._feats = []
         x_cf = stage_images[-1]
         with torch.no_grad():
-            probs = self.classifier(x_cf).float().softmax(-1)
+            probs = self.attached_classifier()(x_cf).float().softmax(-1)
             self._feats = []
         out = {
             "counterfactual": x_cf,

@@ -177,9 +177,15 @@ class DVCE(DiffusionCounterfactual):
                 "(e.g. from `lit-cf fit --config configs/model/robust_cnn.yaml`) or set cone: false"
             )
 
+    def _robust_path(self) -> str:
+        """The robust classifier's checkpoint (cone only; validate_settings requires it then)."""
+        if not self.robust_classifier_path:
+            raise UserError("cone: true needs a second, robust classifier: pass --model.init_args.robust_classifier=<.ckpt>")
+        return self.robust_classifier_path
+
     def check_settings(self, info: dict[str, Any]) -> None:
         if self.cone:
-            cls, hparams = checkpoint_class(self.robust_classifier_path)
+            cls, hparams = checkpoint_class(self._robust_path())
             if not (isinstance(cls, type) and issubclass(cls, ImageClassifier)):
                 raise UserError(
                     f"robust_classifier {self.robust_classifier_path} holds a {hparams['_class_path']}, not a lit-cf classifier"
@@ -188,13 +194,13 @@ class DVCE(DiffusionCounterfactual):
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         if self.cone:
-            info["robust_classifier_sha256"] = file_sha256(self.robust_classifier_path)
+            info["robust_classifier_sha256"] = file_sha256(self._robust_path())
         return info
 
     def attach(self, classifier: ImageClassifier) -> None:
         super().attach(classifier)
         if self.cone and self.robust is None:
-            robust = load_module(self.robust_classifier_path, ImageClassifier)
+            robust = load_module(self._robust_path(), ImageClassifier)
             if robust.num_classes != classifier.num_classes:
                 raise UserError(
                     f"the robust classifier has {robust.num_classes} classes, the explained one {classifier.num_classes}: "
@@ -223,13 +229,15 @@ class DVCE(DiffusionCounterfactual):
         var = step.x_t if self.x0_prediction else step.x0_hat.detach().requires_grad_(True)
         x0 = step.x0_hat if self.x0_prediction else var
         images = self.classifier_input(x0)
-        logp = self.target_log_prob(self.classifier, images, target, noise)
+        logp = self.target_log_prob(self.attached_classifier(), images, target, noise)
         diff = (images - query).flatten(1)
         dist = diff.abs().sum(1) if self.distance == "l1" else diff.norm(dim=1)
         zeros = torch.zeros_like(var)
         g_c = torch.autograd.grad(logp.sum(), var, retain_graph=True)[0] if self.classifier_weight else zeros
         if self.cone and self.classifier_weight:
-            logp_r = self.target_log_prob(self.robust, images, target, None)
+            robust = self.robust
+            assert robust is not None  # attach() loads it when cone is on
+            logp_r = self.target_log_prob(robust, images, target, None)
             g_r = torch.autograd.grad(logp_r.sum(), var, retain_graph=True)[0]
             g_c = cone_project(g_c, g_r, self.cone_angle)
         g_d = torch.autograd.grad(dist.sum(), var)[0] if self.distance_weight else zeros

@@ -48,8 +48,9 @@ mask) and the x0-hat trajectory ``stages`` ``[B, num_stages, C, H, W]`` of the k
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +85,7 @@ class _Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         normalize = getattr(self.model, "normalize", None)
-        return self.model.backbone(normalize(x) if callable(normalize) else x)
+        return cast(nn.Module, self.model.backbone)(normalize(x) if callable(normalize) else x)
 
 
 class PerceptualTerm(nn.Module):
@@ -102,7 +103,8 @@ class PerceptualTerm(nn.Module):
         if hasattr(classifier, "backbone"):
             from lit_cf.metrics.suite import perceptual_layers
 
-            self.maps = FeatureMaps(_Backbone(classifier), perceptual_layers(classifier))
+            # any module with a backbone: perceptual_layers reads only `backbone`
+            self.maps = FeatureMaps(_Backbone(classifier), perceptual_layers(cast(ImageClassifier, classifier)))
         else:  # any other module (e.g. a user's torchvision model): one layer per resolution stage
             from lit_cf.metrics.sources import auto_feature_layers
 
@@ -363,7 +365,7 @@ class FastDiME(DiffusionCounterfactual):
             return
         if self.feature_network_path is not None and self.feature_net is None:
             self.feature_net = freeze(load_module(self.feature_network_path, ImageClassifier))
-        network = self.feature_net if self.feature_network_path is not None else self.classifier
+        network = self.feature_net if self.feature_net is not None else self.attached_classifier()
         try:
             example = torch.zeros(2, *self.require_diffusion().image_shape)
             self.perceptual = PerceptualTerm(network, example.to(next(network.parameters()).device))
@@ -383,9 +385,10 @@ class FastDiME(DiffusionCounterfactual):
         steps_at = stage_indices(len(timesteps), self.num_stages)
         mask_start = None if self.mask_from is None else round(self.mask_from * len(timesteps))
         reference = None
-        if self.perceptual is not None:
+        term = self.perceptual
+        if term is not None:
             with torch.no_grad():
-                reference = [f.detach() for f in self.perceptual.features(x)]
+                reference = [f.detach() for f in term.features(x)]
         out = x.clone()
         stages = x[:, None].repeat(1, len(steps_at), 1, 1, 1)
         attempt = torch.zeros(n, dtype=torch.long, device=x.device)
@@ -393,13 +396,12 @@ class FastDiME(DiffusionCounterfactual):
         mask_fraction = torch.ones(n, device=x.device)
         rows = torch.arange(n, device=x.device)
         for a, scale in enumerate(self.class_scales):
-            perceptual = None
-            if reference is not None:
-                ref = [f[rows] for f in reference]
-                perceptual = lambda img, ref=ref: self.perceptual.distance(ref, img)  # noqa: E731
+            perceptual: Callable[[Tensor], Tensor] | None = None
+            if reference is not None and term is not None:
+                perceptual = functools.partial(term.distance, [f[rows] for f in reference])
             x0, st, mf = fastdime_attempt(
                 counted,
-                self.classifier,
+                self.attached_classifier(),
                 perceptual,
                 x[rows],
                 target[rows],
@@ -420,7 +422,7 @@ class FastDiME(DiffusionCounterfactual):
             )
             with torch.no_grad():
                 image = counted.to_image(x0).clamp(0, 1)
-                pred = self.classifier(image).argmax(-1)
+                pred = self.attached_classifier()(image).argmax(-1)
             out[rows], stages[rows], mask_fraction[rows] = image, st, mf
             attempt[rows], scale_used[rows] = a + 1, scale
             rows = rows[pred != target[rows]]

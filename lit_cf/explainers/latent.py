@@ -38,7 +38,7 @@ threshold stops at step 0. Read ``recon_*`` instead of ``orig_*`` for such runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import lightning as L
 import torch
@@ -54,6 +54,14 @@ __all__ = ["LatentAttack", "LatentLinearEdit", "check_generator_checkpoint"]
 ORIGINAL_PREDICTION = ("query", "reconstruction")
 ATTACK_LOSSES = ("prob", "log_prob")
 PIXEL_NORMS = ("l2", "l1")
+
+
+class Codec(Protocol):
+    """What latent methods use of a generator: ``encode(x) -> z`` and ``decode(z) -> x``."""
+
+    def encode(self, x: Tensor) -> Tensor: ...
+
+    def decode(self, z: Tensor) -> Tensor: ...
 
 
 def _has_codec(obj: Any) -> bool:
@@ -128,10 +136,10 @@ class _LatentMethod(CounterfactualMethod):
         self.check()  # explain plans the run with describe(): fail here, before any output exists
         return {**super().describe(), "generator_sha256": file_sha256(self.generator_path)}
 
-    def _require_generator(self) -> L.LightningModule:
+    def _require_generator(self) -> Codec:
         if self.generator is None:
             raise RuntimeError("no generator loaded: call attach(classifier) before explaining")
-        return self.generator
+        return cast(Codec, self.generator)  # attach() checked encode/decode (_has_codec)
 
     # ----------------------------------------------------------------- helpers
     def decode(self, z: Tensor) -> Tensor:
@@ -143,7 +151,7 @@ class _LatentMethod(CounterfactualMethod):
         z0 = self._require_generator().encode(query).detach().float()
         with torch.no_grad():
             x0 = self.decode(z0)
-            probs = self.classifier(x0).float().softmax(-1)
+            probs = self.attached_classifier()(x0).float().softmax(-1)
         self._chunk = {"z0": z0, "x0": x0, "recon_probs": probs}
         return z0
 
@@ -271,7 +279,9 @@ class LatentAttack(_LatentMethod):
     def render(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
         return self.decode(latents["z"])
 
-    def loss_terms(self, x_cf, logits, latents, batch, step):
+    def loss_terms(
+        self, x_cf: Tensor, logits: Tensor, latents: dict[str, Tensor], batch: dict[str, Tensor], step: int
+    ) -> dict[str, Tensor]:
         if self.loss == "log_prob":
             # -log p_target; when decreasing (binary only) log(1 - p_source) is the same log p_target
             log_p = logits.float().log_softmax(-1).gather(1, batch["target"][:, None]).squeeze(1)
@@ -319,6 +329,8 @@ class LatentLinearEdit(_LatentMethod):
         original_prediction: ``"query"`` or ``"reconstruction"`` (module docstring).
         log_every: Log the loss terms every this many steps.
     """
+
+    unit_direction: Tensor | None  # buffer, registered in __init__, set by check()
 
     def __init__(
         self,
@@ -383,7 +395,9 @@ class LatentLinearEdit(_LatentMethod):
     def render(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
         return self.decode(self._z(latents["alpha"]))
 
-    def loss_terms(self, x_cf, logits, latents, batch, step):
+    def loss_terms(
+        self, x_cf: Tensor, logits: Tensor, latents: dict[str, Tensor], batch: dict[str, Tensor], step: int
+    ) -> dict[str, Tensor]:
         return {"walk": -latents["alpha"].squeeze(1)}
 
     def declared_outputs(self) -> tuple[str, ...]:

@@ -46,7 +46,9 @@ class PixelCounterfactual(CounterfactualMethod):
     def project(self, latents: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
         latents["x"].clamp_(0, 1)
 
-    def loss_terms(self, x_cf, logits, latents, batch, step):
+    def loss_terms(
+        self, x_cf: Tensor, logits: Tensor, latents: dict[str, Tensor], batch: dict[str, Tensor], step: int
+    ) -> dict[str, Tensor]:
         delta = x_cf - batch["image"]
         terms = {"cf": cross_entropy_to_target(logits, batch["target"])}
         if self.l1_weight:

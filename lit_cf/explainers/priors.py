@@ -234,7 +234,8 @@ class INRPrior(ImagePrior):
         n, ch, h, w = query.shape
         d_in = self.inputs(h, w, query.device).shape[1]
         dims = [d_in] + [self.hidden] * self.layers + [ch]
-        shapes, bounds = {}, {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        bounds: dict[str, float] = {}
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             shapes[f"l{i}.w"], shapes[f"l{i}.b"] = (a, b), (b,)
             if self.activation == "sine":

@@ -48,6 +48,8 @@ class LpDistance(Metric):
     ``update(x [B, C, H, W], x_cf [B, C, H, W])``.
     """
 
+    values: list[Tensor]  # metric state, added in __init__
+
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
@@ -155,6 +157,8 @@ class PerceptualDistance(Metric):
 
     ``update(x, x_cf)``; ``compute() -> {"perceptual_domain_mean", "perceptual_domain_std"}``.
     """
+
+    values: list[Tensor]  # metric state, added in __init__
 
     full_state_update = False
     is_differentiable = False

@@ -84,6 +84,8 @@ class COUT(Metric):
     ``compute() -> {"cout_mean", "cout_std"}``.
     """
 
+    values: list[Tensor]  # metric state, added in __init__
+
     full_state_update = False
     is_differentiable = False
     higher_is_better = True

@@ -52,6 +52,8 @@ class MNAC(Metric):
     ``update(desc_query [B, A], desc_cf [B, A])``; ``compute() -> {"mnac_mean", "mnac_std"}``.
     """
 
+    counts: list[Tensor]  # metric state, added in __init__
+
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
@@ -134,6 +136,13 @@ class CorrelationDifference(Metric):
     ``update(desc_query [B, A], desc_cf [B, A])``; ``compute() -> {"cd": Tensor}``;
     :meth:`per_attribute` gives the ``[A]`` terms.
     """
+
+    data_correlation: Tensor  # buffer, registered in __init__
+
+    n: Tensor  # metric states, added in __init__
+    sum_d: Tensor
+    sum_dd: Tensor
+    sum_dt: Tensor
 
     full_state_update = False
     is_differentiable = False

@@ -38,6 +38,8 @@ class Diversity(Metric):
     ``update(x_cfs [B, S, C, H, W])``; ``compute() -> {f"{name}_mean", f"{name}_std"}``.
     """
 
+    values: list[Tensor]  # metric state, added in __init__
+
     full_state_update = False
     is_differentiable = False
     higher_is_better = True

@@ -13,6 +13,7 @@ lit-cf trained itself on the same data (their outputs say ``_domain``). Two adap
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,7 @@ class ClassifierFeatures(nn.Module):
         normalize = getattr(self.classifier, "normalize", None)
         if callable(normalize):
             x = normalize(x)
-        return self.classifier.backbone(x).flatten(1)
+        return cast(nn.Module, self.classifier.backbone)(x).flatten(1)
 
 
 class FeatureMaps(nn.Module):

@@ -28,6 +28,10 @@ class OracleAgreement(Metric):
     are class indices or scores (argmax is taken); ``compute() -> {"os", "ota"}``.
     """
 
+    n: Tensor  # metric states, added in __init__
+    agree: Tensor
+    hit: Tensor
+
     full_state_update = False
     is_differentiable = False
     higher_is_better = True

@@ -8,7 +8,7 @@ evaluated with the same network, never with published FID numbers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -190,6 +190,8 @@ class SplitFID(Metric):
     ``update(x [B, C, H, W], x_cf [B, C, H, W], indices [B] | None = None)``.
     """
 
+    seen: Tensor  # metric state (with the per-group sums), added in __init__
+
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
@@ -269,6 +271,9 @@ class DUQCertainty(Metric):
     ``duq_certainty_query_mean/_std`` (``nan`` when no queries were given).
     """
 
+    cf: list[Tensor]  # metric states, added in __init__
+    query: list[Tensor]
+
     full_state_update = False
     is_differentiable = False
     higher_is_better = True
@@ -290,7 +295,7 @@ class DUQCertainty(Metric):
 
     @property
     def _certainty(self) -> Callable[[Tensor], Tensor]:
-        return self.model.module.certainty
+        return cast(Callable[[Tensor], Tensor], self.model.module.certainty)
 
     def update(self, x_cf: Tensor, x: Tensor | None = None) -> None:
         with torch.no_grad():

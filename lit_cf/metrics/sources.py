@@ -77,15 +77,15 @@ def run_classifier(
             raise UserError(f"run {name}: its saved classifier copy {path} was changed (checksum differs)")
         model, info = load_source(str(path), example, device)
         return model, info, classifier_identity(recorded)
-    path = recorded.get("path")
-    if not path or not Path(path).is_file():
-        raise UserError(f"run {name}: its classifier checkpoint {path} is missing; pass --classifier")
-    if file_sha256(path) != recorded.get("sha256"):
-        raise UserError(f"run {name} explained a different classifier than {path} (checksum differs)")
-    source: Any = path
+    checkpoint = recorded.get("path")
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise UserError(f"run {name}: its classifier checkpoint {checkpoint} is missing; pass --classifier")
+    if file_sha256(checkpoint) != recorded.get("sha256"):
+        raise UserError(f"run {name} explained a different classifier than {checkpoint} (checksum differs)")
+    source: Any = checkpoint
     if kind == "torchscript":  # normalisation and output kind are data, safe to take from the run
         source = {
-            "path": path,
+            "path": checkpoint,
             **{k: recorded[k] for k in ("input_mean", "input_std", "output", "class_names") if recorded.get(k) is not None},
         }
     model, info = load_source(source, example, device)

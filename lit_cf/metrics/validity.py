@@ -27,6 +27,12 @@ class Validity(Metric):
     ``update(probs_cf [B, C], target [B], source [B])``; ``compute() -> dict[str, Tensor]``.
     """
 
+    n: Tensor  # metric states, added in __init__
+    flipped: Tensor
+    original: Tensor
+    tconf: list[Tensor]
+    oconf: list[Tensor]
+
     full_state_update = False
     is_differentiable = False
     higher_is_better = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -11,6 +11,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class ImageClassifier(L.LightningModule):
@@ -27,6 +29,9 @@ class ImageClassifier(L.LightningModule):
         optimizer: Optimizer factory called with the parameters.
         scheduler: Optional learning-rate scheduler factory called with the optimizer.
     """
+
+    input_mean: torch.Tensor  # buffers, registered in __init__
+    input_std: torch.Tensor
 
     def __init__(
         self,
@@ -119,7 +124,7 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
 
-def freeze(module: nn.Module) -> nn.Module:
+def freeze(module: ModuleT) -> ModuleT:
     """Put ``module`` in eval mode with gradients off for all its parameters (explain time)."""
     module.eval()
     for p in module.parameters():

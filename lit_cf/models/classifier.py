@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ class Classifier(ImageClassifier):
         if not hasattr(backbone, "out_features"):
             raise ValueError(f"backbone {type(backbone).__name__} must expose `out_features`")
         self.backbone = backbone
-        self.head = nn.Linear(backbone.out_features, num_classes)
+        self.head = nn.Linear(cast(int, backbone.out_features), num_classes)
         self.adversary = adversary
         self.label_smoothing = label_smoothing
 

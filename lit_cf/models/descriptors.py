@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -35,6 +35,9 @@ class DescriptorPredictor(L.LightningModule):
         optimizer: Optimizer factory.
     """
 
+    input_mean: torch.Tensor  # buffers, registered in __init__
+    input_std: torch.Tensor
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -50,7 +53,7 @@ class DescriptorPredictor(L.LightningModule):
             raise ValueError(f"key must be 'factors' or 'attributes', got {key!r}")
         self.key, self.names = key, list(names)
         self.backbone = backbone
-        self.head = nn.Linear(backbone.out_features, len(self.names))
+        self.head = nn.Linear(cast(int, backbone.out_features), len(self.names))
         mean = torch.tensor(list(input_mean) if input_mean else [0.0]).view(1, -1, 1, 1)
         std = torch.tensor(list(input_std) if input_std else [1.0]).view(1, -1, 1, 1)
         self.register_buffer("input_mean", mean, persistent=False)

@@ -113,7 +113,7 @@ def default_denoiser(image_channels: int = 1, model_size: int = 32) -> nn.Module
     """A small diffusers ``UNet2DModel`` (32/64/64 channels, one layer per block, no attention)."""
     from diffusers import UNet2DModel
 
-    return UNet2DModel(
+    return UNet2DModel(  # type: ignore[return-value]  # mypy misses ModelMixin's nn.Module base (diffusers' lazy imports)
         sample_size=model_size,
         in_channels=image_channels,
         out_channels=image_channels,
@@ -172,6 +172,8 @@ class DiffusionModel(L.LightningModule):
         seed: Seed of the validation noise (loss, round trip, samples).
     """
 
+    alphas_cumprod: Tensor  # buffer, registered in __init__
+
     def __init__(
         self,
         denoiser: nn.Module | None = None,
@@ -214,7 +216,7 @@ class DiffusionModel(L.LightningModule):
         respaced_timesteps(
             num_train_timesteps, round_trip_tau, min(round_trip_steps, max(1, round(round_trip_tau * num_train_timesteps)))
         )
-        self.image_shape: tuple[int, int, int] = image_shape  # type: ignore[assignment]
+        self.image_shape: tuple[int, int, int] = image_shape
         self.model_size, self.resize, self.pad_value = model_size, resize, pad_value
         self.num_train_timesteps = num_train_timesteps
         self.ema_decay = ema_decay
@@ -234,7 +236,9 @@ class DiffusionModel(L.LightningModule):
             clip_sample=False,
         )
         # recomputed from the hyperparameters, so not part of the state_dict
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+        # set in DDPMScheduler.__init__, which diffusers' register_to_config decorator hides from mypy
+        alphas_cumprod: Tensor = scheduler.alphas_cumprod  # type: ignore[attr-defined]
+        self.register_buffer("alphas_cumprod", alphas_cumprod.clone().float(), persistent=False)
         self.data_record: dict[str, Any] | None = None
         self._classifier: list[nn.Module] = []  # not a submodule: never saved with the DDPM
         self._rt_hits = self._rt_total = 0
@@ -348,8 +352,8 @@ class DiffusionModel(L.LightningModule):
         decay = min(self.ema_decay, (1 + n) / (10 + n))
         for e, p in zip(self.ema.parameters(), self.denoiser.parameters()):
             e.lerp_(p.detach().to(e.dtype), 1 - decay)
-        for e, b in zip(self.ema.buffers(), self.denoiser.buffers()):
-            e.copy_(b)
+        for eb, b in zip(self.ema.buffers(), self.denoiser.buffers()):
+            eb.copy_(b)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.denoiser.parameters())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -94,6 +94,9 @@ class DUQClassifier(ImageClassifier):
         scheduler: Optional LR scheduler factory.
     """
 
+    N: torch.Tensor  # buffers, registered in __init__
+    m: torch.Tensor
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -128,7 +131,7 @@ class DUQClassifier(ImageClassifier):
         self.centroid_features = centroid_features
         self.drop_last = drop_last
         self.ood_data = ood_data
-        self.W = nn.Parameter(torch.empty(embedding_size, num_classes, backbone.out_features))
+        self.W = nn.Parameter(torch.empty(embedding_size, num_classes, cast(int, backbone.out_features)))
         if w_init_std is None:
             nn.init.kaiming_normal_(self.W, nonlinearity="relu")
         else:

@@ -434,6 +434,11 @@ class _Exportable(nn.Module):
     """Plain-module view of a classifier for tracing: ``logits(normalize(x))`` without the
     LightningModule around it (tracing a LightningModule touches its trainer properties)."""
 
+    mean: Tensor  # buffers, registered in __init__
+    std: Tensor
+    _fn: Callable[[Tensor], Tensor] | None
+    _model: ImageClassifier | None
+
     def __init__(self, model: ImageClassifier) -> None:
         super().__init__()
         inner = model.net if isinstance(model, ExternalClassifier) and "net" in model._modules else None
@@ -451,6 +456,7 @@ class _Exportable(nn.Module):
             return convert_output(self.net((x - self.mean) / self.std), self.kind, len(x))
         if self._fn is not None:  # an ExternalClassifier around a plain callable
             return convert_output(self._fn((x - self.mean) / self.std), self.kind, len(x))
+        assert self._model is not None  # set whenever net is None
         return self._model.logits(self._model.normalize(x))
 
 

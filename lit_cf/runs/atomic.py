@@ -27,7 +27,7 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> str:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> str:
     """Let ``write(tmp_path)`` produce the file, then move it to ``path`` atomically.
 
     Returns the sha256 of the bytes that were committed (read back from the temporary file

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def fingerprint(obj: Any) -> str:
 def plan_fingerprint(plan: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """Hash of what defines a run: settings and the discrete records (not model-computed floats,
     which may differ in the last bits across devices, ranks or library versions)."""
-    return fingerprint({"plan": plan, "records": [[r[k] for k in PLAN_KEYS] for r in records]})
+    return fingerprint({"plan": plan, "records": _plans(records)})
 
 
 def _sha256(data: bytes) -> str:
@@ -232,7 +233,7 @@ class RunDir:
         for tensors in self.shards.glob("chunk-*.safetensors"):
             if not tensors.with_suffix(".jsonl").exists():
                 tensors.unlink(missing_ok=True)
-        damaged = []
+        damaged: list[int] = []
         for rows_path in sorted(self.shards.glob("chunk-*.jsonl")):
             chunk = _chunk_number(rows_path)
             expected = None
@@ -244,7 +245,8 @@ class RunDir:
                 self.read_chunk(chunk, expected)
             except RunIntegrityError as err:
                 print(f"lit-cf explain: {err}; recomputing this chunk")
-                damaged.append(chunk)
+                if chunk is not None:  # a stray chunk-<not a number>.jsonl is dropped, but is no chunk
+                    damaged.append(chunk)
                 rows_path.unlink(missing_ok=True)
                 rows_path.with_suffix(".safetensors").unlink(missing_ok=True)
         return damaged
@@ -299,7 +301,7 @@ class RunDir:
             r["row"] != i or r["shard"] != tensor_path.name for i, r in enumerate(rows)
         ):
             raise RunIntegrityError(f"{rows_path} is damaged (rows do not match its commit line); {hint}")
-        if expected is not None and [[r[k] for k in PLAN_KEYS] for r in rows] != [[r[k] for k in PLAN_KEYS] for r in expected]:
+        if expected is not None and _plans(rows) != _plans(expected):
             raise RunIntegrityError(f"{rows_path} holds other records than planned for chunk {chunk}; {hint}")
         if not tensor_path.is_file():
             raise RunIntegrityError(f"{tensor_path} is missing; {hint}")
@@ -360,6 +362,11 @@ class RunDir:
             return load_bytes(data)
         except (SafetensorError, ValueError, RuntimeError) as err:
             raise RunIntegrityError(f"{path} is damaged (not a readable safetensors file); {hint}") from err
+
+
+def _plans(rows: Sequence[Mapping[str, object]]) -> list[list[object]]:
+    """The plan fields (:data:`PLAN_KEYS`) of each row, in order."""
+    return [[r[k] for k in PLAN_KEYS] for r in rows]
 
 
 def _chunk_number(path: Path) -> int | None:

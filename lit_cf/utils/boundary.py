@@ -58,22 +58,28 @@ def user_message(err: BaseException) -> str | None:
         pass
     if isinstance(err, OSError):
         return _os_message(err)
+    safetensor_errors: tuple[type[BaseException], ...] = ()
     try:
         from safetensors import SafetensorError
+
+        safetensor_errors = (SafetensorError,)
     except ImportError:  # pragma: no cover - safetensors is a dependency
-        SafetensorError = ()  # type: ignore[assignment]
-    if isinstance(err, SafetensorError):
+        pass
+    if isinstance(err, safetensor_errors):
         text = _first_line(err)
         if "No space left" in text or "os error 28" in text:
             return _os_message(OSError(errno.ENOSPC, "No space left on device"))
         return f"cannot read or write a safetensors file: {text}"
     if isinstance(err, json.JSONDecodeError):
         return f"invalid JSON ({err.msg}, line {err.lineno} column {err.colno}): fix the file you passed"
+    misconfiguration: tuple[type[BaseException], ...] = ()
     try:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        misconfiguration = (MisconfigurationException,)
     except ImportError:  # pragma: no cover
-        MisconfigurationException = ()  # type: ignore[assignment]
-    if isinstance(err, MisconfigurationException):
+        pass
+    if isinstance(err, misconfiguration):
         return _first_line(err)
     return None
 
