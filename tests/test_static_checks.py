@@ -99,14 +99,28 @@ def test_ci_installs_missing_chromium(tmp_path):
 
 
 def test_ci_fails_clearly_when_chromium_cannot_be_installed(tmp_path):
-    done = _fake_ci(tmp_path, apt_get="exit 100", apt_cache="exit 0")
+    done = _fake_ci(tmp_path, apt_get='if [ "$1" = install ]; then exit 100; fi', apt_cache="exit 0")  # no such package
     assert done.returncode == 1
     assert "could not install Chromium" in done.stderr
     assert "test.sh ran" not in done.stdout  # the tests never start
     assert (tmp_path / "apt.log").read_text().splitlines() == [
         "apt-cache show chromium",
         "apt-get install -y -qq --no-install-recommends chromium",
-    ]  # the package was known: no update
+        "apt-get update -qq",  # stale lists? one update and one more try
+        "apt-get install -y -qq --no-install-recommends chromium",
+    ]
+
+
+def test_ci_installs_without_update_when_the_lists_know_chromium(tmp_path):
+    chromium = tmp_path / "bin" / "chromium"
+    installs = f'if [ "$1" = install ]; then printf "#!/bin/bash\\necho Chromium 1.0\\n" > {chromium}; chmod +x {chromium}; fi'
+    done = _fake_ci(tmp_path, apt_get=installs, apt_cache="exit 0")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "apt.log").read_text().splitlines() == [
+        "apt-cache show chromium",
+        "apt-get install -y -qq --no-install-recommends chromium",
+    ]
+    assert "test.sh ran with CI=true" in done.stdout
 
 
 def test_ci_skips_install_when_chromium_present(tmp_path):
