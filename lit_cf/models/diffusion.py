@@ -113,7 +113,7 @@ def default_denoiser(image_channels: int = 1, model_size: int = 32) -> nn.Module
     """A small diffusers ``UNet2DModel`` (32/64/64 channels, one layer per block, no attention)."""
     from diffusers import UNet2DModel
 
-    return UNet2DModel(  # type: ignore[return-value]  # mypy misses ModelMixin's nn.Module base (diffusers' lazy imports)
+    return UNet2DModel(
         sample_size=model_size,
         in_channels=image_channels,
         out_channels=image_channels,
@@ -236,9 +236,7 @@ class DiffusionModel(L.LightningModule):
             clip_sample=False,
         )
         # recomputed from the hyperparameters, so not part of the state_dict
-        # set in DDPMScheduler.__init__, which diffusers' register_to_config decorator hides from mypy
-        alphas_cumprod: Tensor = scheduler.alphas_cumprod  # type: ignore[attr-defined]
-        self.register_buffer("alphas_cumprod", alphas_cumprod.clone().float(), persistent=False)
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.data_record: dict[str, Any] | None = None
         self._classifier: list[nn.Module] = []  # not a submodule: never saved with the DDPM
         self._rt_hits = self._rt_total = 0
