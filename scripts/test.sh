@@ -1,11 +1,26 @@
 #!/usr/bin/env bash
 # Install lit-cf with its dev extra (torch/torchvision pinned as a matching pair by constraints.txt),
-# run the static checks (ruff format check, ruff lint, mypy over lit_cf/; config in pyproject.toml),
-# then the default test suite (slow tests excluded; about 10 min on 2 CPU cores).
+# run the static checks (ruff format check and lint over lit_cf/, tests/, scripts/; mypy over lit_cf/;
+# settings in pyproject.toml), then the default test suite (slow tests excluded; about 10 min on 2 CPU
+# cores). A failed static check does not hide the test results: pytest still runs, and the script
+# exits non-zero naming the checks that failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
-echo "test.sh: ruff format --check" && python -m ruff format --check lit_cf tests scripts
-echo "test.sh: ruff check" && python -m ruff check lit_cf tests scripts
-echo "test.sh: mypy" && python -m mypy
-python -m pytest -q -p no:cacheprovider "$@"
+
+failed=()
+check() {
+    echo "test.sh: $*"
+    "$@" || failed+=("$*")
+}
+check python -m ruff format --check lit_cf tests scripts
+check python -m ruff check lit_cf tests scripts
+check python -m mypy
+
+status=0
+python -m pytest -q -p no:cacheprovider "$@" || status=$?
+if ((${#failed[@]})); then
+    printf 'test.sh: FAILED static check: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
+exit "$status"

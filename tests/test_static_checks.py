@@ -14,38 +14,85 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _commands(script: Path) -> list[list[str]]:
-    """The commands of a shell script, one token list a command (comments and `set`/`cd` lines dropped)."""
+    """The top-level commands of a shell script, one token list a command (comments, `set`, `cd` and
+    shell-function bodies dropped; a `check CMD` line counts as CMD)."""
     commands = []
     for line in script.read_text(encoding="utf-8").splitlines():
-        line = line.split(" #")[0].strip()
-        if not line or line.startswith("#"):
+        if not line.strip() or line.startswith((" ", "\t", "#", "}")):
             continue
-        for part in line.split("&&"):
-            tokens = shlex.split(part)
-            if tokens and tokens[0] not in ("set", "cd", "echo"):
-                commands.append(tokens)
+        tokens = shlex.split(line, comments=True)
+        if tokens and tokens[0] == "check":
+            tokens = tokens[1:]
+        if tokens and tokens[0] not in ("set", "cd", "failed=()", "status=0", "if", "fi", "exit") and "()" not in tokens[0]:
+            commands.append(tokens)
     return commands
 
 
 def test_test_script_runs_static_checks_before_pytest():
     commands = _commands(ROOT / "scripts" / "test.sh")
-    tools = [" ".join(c[:4]) for c in commands]
-    want = [
-        "python -m pip install",
-        "python -m ruff format",
-        "python -m ruff check",
-        "python -m mypy",
-        "python -m pytest -q",
+    assert [c[:4] for c in commands] == [
+        ["python", "-m", "pip", "install"],
+        ["python", "-m", "ruff", "format"],
+        ["python", "-m", "ruff", "check"],
+        ["python", "-m", "mypy"],
+        ["python", "-m", "pytest", "-q"],
+    ]  # install, format check, lint, types, tests: each once, in this order
+    install, fmt, lint, mypy, _ = commands
+    assert "constraints.txt" in install and ".[dev]" in install
+    assert fmt[3:] == ["format", "--check", "lit_cf", "tests", "scripts"]
+    assert lint[3:] == ["check", "lit_cf", "tests", "scripts"]
+    assert mypy == ["python", "-m", "mypy"]  # files and strictness come from pyproject
+
+
+def _fake_test_script(tmp_path: Path, failing: str | None) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run a copy of scripts/test.sh with `python` replaced by a stub that logs its arguments and
+    fails when they contain ``failing``."""
+    repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
+    (repo / "scripts").mkdir(parents=True)
+    bin_dir.mkdir()
+    shutil.copy(ROOT / "scripts" / "test.sh", repo / "scripts" / "test.sh")
+    log = tmp_path / "calls.log"
+    fail = f'case "$*" in *"{failing}"*) exit 3;; esac' if failing else ""
+    (bin_dir / "python").write_text(f'#!/bin/bash\necho "$*" >> {log}\n{fail}\n')
+    (bin_dir / "python").chmod(0o755)
+    for tool in ("bash", "dirname"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    done = subprocess.run(
+        ["bash", str(repo / "scripts" / "test.sh"), "-k", "x"],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bin_dir)},
+        timeout=30,
+    )
+    return done, log.read_text().splitlines()
+
+
+def test_test_script_passes_when_every_step_passes(tmp_path):
+    done, calls = _fake_test_script(tmp_path, failing=None)
+    assert done.returncode == 0, done.stderr
+    assert [c.split()[1:3] for c in calls] == [
+        ["pip", "install"],
+        ["ruff", "format"],
+        ["ruff", "check"],
+        ["mypy"],
+        ["pytest", "-q"],
     ]
-    assert [t for t in tools if any(t.startswith(w) for w in want)] == [
-        next(t for t in tools if t.startswith(w)) for w in want
-    ], tools  # each once, in this order: install, format check, lint, types, tests
-    by_tool = {" ".join(c[:4]): c for c in commands}
-    fmt = by_tool["python -m ruff format"]
-    assert "--check" in fmt and fmt[-3:] == ["lit_cf", "tests", "scripts"]
-    assert by_tool["python -m ruff check"][-3:] == ["lit_cf", "tests", "scripts"]
-    assert by_tool["python -m mypy"] == ["python", "-m", "mypy"]  # files and strictness come from pyproject
-    assert "set -euo pipefail" in (ROOT / "scripts" / "test.sh").read_text(encoding="utf-8")  # a finding stops the run
+    assert calls[-1].endswith("-k x")  # the script's arguments go to pytest
+
+
+@pytest.mark.parametrize("failing", ["ruff format", "ruff check", "mypy"])
+def test_a_failed_static_check_fails_the_run_but_pytest_still_runs(tmp_path, failing):
+    done, calls = _fake_test_script(tmp_path, failing=failing)
+    assert done.returncode == 1
+    assert any(c.startswith("-m pytest") for c in calls)  # the test results are not hidden
+    assert f"FAILED static check: python -m {failing}" in done.stderr
+
+
+def test_test_script_returns_pytest_status(tmp_path):
+    done, _ = _fake_test_script(tmp_path, failing="pytest")
+    assert done.returncode == 3
 
 
 def test_ci_runs_the_test_script():
