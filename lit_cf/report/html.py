@@ -29,7 +29,7 @@ from lit_cf.report.formatting import (
     format_value,
     is_missing,
 )
-from lit_cf.report.images import signed_difference_with_scale, upscale_factor
+from lit_cf.report.images import signed_difference_with_scale, upscale, upscale_factor
 
 MIN_IMAGE_PX = 96  # small images are upscaled, nearest neighbour, to at least this size (28-px digits: 4x)
 METRICS_PER_FIGURE = 12
@@ -103,8 +103,13 @@ def _image_tensor(x: Any, what: str) -> Tensor:
     return torch.nan_to_num(t, nan=0.0, posinf=1.0, neginf=0.0)
 
 
-def _display_array(t: Tensor) -> np.ndarray:
-    """``[C, H, W]`` in [0, 1] -> uint8 ``H x W`` (grey) or ``H x W x 3`` (RGB)."""
+def _display_array(t: Tensor, min_px: int = MIN_IMAGE_PX) -> np.ndarray:
+    """``[C, H, W]`` in [0, 1] -> uint8 ``H x W`` (grey) or ``H x W x 3`` (RGB), upscaled.
+
+    Nearest neighbour (:func:`~lit_cf.report.images.upscale`, as in the PNG grids) so the
+    shorter side is at least ``min_px``.
+    """
+    t = upscale(t, upscale_factor(t.shape[-2], t.shape[-1], min_px))
     if t.shape[0] == 1:
         t = t[0]
     elif t.shape[0] >= 3:
@@ -125,16 +130,12 @@ def signed_difference_map(query: Tensor, counterfactual: Tensor) -> tuple[Tensor
     return rgb[0], float(scale[0])
 
 
-def _png_data_uri(array: np.ndarray, min_px: int = MIN_IMAGE_PX) -> tuple[str, int, int]:
-    """PNG data URI of a uint8 image, upscaled (nearest) so its shorter side is >= ``min_px``."""
+def _png_data_uri(array: np.ndarray) -> tuple[str, int, int]:
+    """PNG data URI of a uint8 image (from :func:`_display_array`), with its width and height."""
     image = Image.fromarray(np.ascontiguousarray(array))
-    w, h = image.size
-    k = upscale_factor(h, w, min_px)
-    if k > 1:
-        image = image.resize((w * k, h * k), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return _data_uri(buf.getvalue()), w * k, h * k
+    return _data_uri(buf.getvalue()), image.size[0], image.size[1]
 
 
 def _data_uri(png: bytes) -> str:
@@ -483,8 +484,8 @@ def write_report(
 
     ``table`` has one dict per method/run (first key: the row label, e.g. "method"); every numeric
     column gets a bar chart. Each :class:`ReportSection` adds grids (query | counterfactual |
-    signed difference), best/worst cases, a per source->target table and a global attribution
-    chart. ``meta`` is shown as a key/value table at the top. The file is written atomically
+    signed difference), best/worst cases, progression strips of each declared image sequence
+    (:class:`SequenceGrid`), a per source->target table and a global attribution chart. ``meta`` is shown as a key/value table at the top. The file is written atomically
     (temporary file in the same folder, then ``os.replace``).
     """
     path = Path(path)
