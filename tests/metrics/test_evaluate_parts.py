@@ -153,7 +153,7 @@ class _Data:
         return [{"image": img, "label": torch.tensor(0)} for img in self.images]
 
 
-def _explain_run(root, n: int = 6) -> tuple[ExplainRun, torch.Tensor]:
+def _explain_run(root, n: int = 6, method: dict | None = None, stages: int = 0) -> tuple[ExplainRun, torch.Tensor]:
     """A complete explain run written through the run format (two chunks), as explain writes it."""
     g = torch.Generator().manual_seed(1)
     images = torch.rand(n + 2, 1, 8, 8, generator=g)
@@ -162,7 +162,13 @@ def _explain_run(root, n: int = 6) -> tuple[ExplainRun, torch.Tensor]:
         for i in range(n)
     ]
     rundir = RunDir(root)
-    plan = {"method": {"class_path": "tiny"}, "data": _Data(images).describe(), "split": "test", "chunk_size": 3, "seed": 0}
+    plan = {
+        "method": method or {"class_path": "tiny"},
+        "data": _Data(images).describe(),
+        "split": "test",
+        "chunk_size": 3,
+        "seed": 0,
+    }
     assert rundir.prepare({**plan, "num_records": n}, records, overwrite=False) == "new"
     for chunk, start in enumerate(range(0, n, 3)):
         recs = records[start : start + 3]
@@ -182,7 +188,10 @@ def _explain_run(root, n: int = 6) -> tuple[ExplainRun, torch.Tensor]:
             for r in recs
         ]
         q = images[[r["index"] for r in recs]]
-        rundir.write_chunk(chunk, {"query": q, "counterfactual": (q + 0.2).clamp(0, 1)}, rows)
+        tensors = {"query": q, "counterfactual": (q + 0.2).clamp(0, 1)}
+        if stages:
+            tensors["stages"] = torch.stack([(q + 0.2 * (k + 1) / stages).clamp(0, 1) for k in range(stages)], 1)
+        rundir.write_chunk(chunk, tensors, rows)
     _, integrity = rundir.merge(n)
     rundir.finish(integrity)
     return ExplainRun(root), images
@@ -209,3 +218,23 @@ def test_scoring_a_run_leaves_its_rows_unchanged(tmp_path):
     shifted = _Data(torch.roll(images, 1, 0))
     with pytest.raises(UserError, match="is not the image"):
         check_run_against_data(run, shifted, "run")
+
+
+def test_report_section_draws_the_declared_image_sequences_of_a_run(tmp_path):
+    method = {"class_path": "tiny", "outputs": {"stages": {"kind": "image_sequence", "caption": "four stages"}}}
+    run, images = _explain_run(tmp_path / "run", method=method, stages=4)
+    loaded = LoadedRun("run", run, _classifier(), "tiny.ckpt", "sha")
+    result = evaluate_run(loaded, Scorers(cout_steps=2), _Data(images), torch.device("cpu"))
+    section = run_section(loaded, result, k=4)  # records 0-2 in the first shard, 3 in the second
+    (grid,) = section.sequences
+    assert grid.name == "stages" and grid.caption == "four stages" and len(grid.rows) == 4
+    stages = run.tensor("stages")
+    for i, row in enumerate(grid.rows):
+        torch.testing.assert_close(row.frames, stages[i])
+        assert row.caption == section.grid_rows[i].caption
+    # undeclared, the same tensor is not drawn
+    plain, images = _explain_run(tmp_path / "plain", stages=4)
+    loaded = LoadedRun("plain", plain, _classifier(), "tiny.ckpt", "sha")
+    assert (
+        run_section(loaded, evaluate_run(loaded, Scorers(cout_steps=2), _Data(images), torch.device("cpu")), k=2).sequences == []
+    )

@@ -204,7 +204,7 @@ def test_difference_map_colours(tmp_path):
 
 
 def test_matches_explain_grids():
-    from lit_cf.explainers.grids import signed_difference
+    from lit_cf.report.images import signed_difference
 
     q, cf = _image(3, 8, 1), _image(3, 8, 2)
     ours, _ = signed_difference_map(q, cf)
