@@ -165,6 +165,11 @@ def _features(ctx: MetricContext) -> FeatureParts:
     return ctx.scorers.features
 
 
+def _duq(ctx: MetricContext) -> nn.Module:
+    assert ctx.scorers.duq is not None  # guarded by applies
+    return ctx.scorers.duq
+
+
 def _update_fid(m: Metric, b: Batch) -> None:
     m.update(b.x, real=True)
     m.update(b.x_cf, real=False)
@@ -213,7 +218,7 @@ REGISTRY: tuple[MetricSpec | str, ...] = (
     ),
     MetricSpec(
         "duq",
-        lambda ctx: DUQCertainty(ctx.scorers.duq),  # type: ignore[arg-type]  # guarded by applies
+        lambda ctx: DUQCertainty(_duq(ctx)),
         lambda m, b: m.update(b.x_cf, b.x),
         applies=lambda ctx: ctx.scorers.duq is not None,
     ),

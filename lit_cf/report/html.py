@@ -485,7 +485,8 @@ def write_report(
     ``table`` has one dict per method/run (first key: the row label, e.g. "method"); every numeric
     column gets a bar chart. Each :class:`ReportSection` adds grids (query | counterfactual |
     signed difference), best/worst cases, progression strips of each declared image sequence
-    (:class:`SequenceGrid`), a per source->target table and a global attribution chart. ``meta`` is shown as a key/value table at the top. The file is written atomically
+    (:class:`SequenceGrid`), a per source->target table and a global attribution chart.
+    ``meta`` is shown as a key/value table at the top. The file is written atomically
     (temporary file in the same folder, then ``os.replace``).
     """
     path = Path(path)
