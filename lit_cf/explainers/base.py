@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_cf.models.base import ImageClassifier, freeze
+from lit_cf.report.outputs import IMAGE_SEQUENCE, OutputSpec
 
 
 def per_image_sum(t: Tensor) -> Tensor:
@@ -114,11 +115,15 @@ class CounterfactualMethod(L.LightningModule):
 
     def describe(self) -> dict[str, Any]:
         """Method settings recorded in the run directory (with the :meth:`stopping_rule`)."""
-        return {
+        out = {
             "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
             **dict(self.hparams),
             "stopping": self.stopping_rule(),
         }
+        specs = self.output_specs()
+        if specs:  # what the grids and the report draw; absent for methods that declare no pictures
+            out["outputs"] = {k: v.to_json() for k, v in specs.items()}
+        return out
 
     # ----------------------------------------------------------------- subclass hooks
     def init_latents(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -145,10 +150,21 @@ class CounterfactualMethod(L.LightningModule):
     def declared_outputs(self) -> tuple[str, ...]:
         """Names of the extra tensors every chunk of this method (with these settings) saves.
 
-        The contract test checks them against the run; ``stages`` (``[B, K, C, H, W]``) is drawn
-        as progression strips by the grids and the report, whichever method saved it.
+        The contract test checks them against the run; :meth:`output_specs` says which of them
+        the grids and the report draw.
         """
         return ()
+
+    def output_specs(self) -> dict[str, OutputSpec]:
+        """How the pictures draw declared outputs: ``{name: OutputSpec}`` (recorded by :meth:`describe`).
+
+        Outputs not named here are saved but not drawn. By default a declared ``stages`` output
+        (``[B, K, C, H, W]`` intermediate images) is an image sequence, drawn as progression
+        strips by the explain grids and the evaluate report; override to caption it.
+        """
+        if "stages" in self.declared_outputs():
+            return {"stages": OutputSpec(IMAGE_SEQUENCE, "stages of the optimisation, first to last")}
+        return {}
 
     # ----------------------------------------------------------------- hooks
     def add_forward_hook(self, module: torch.nn.Module, hook: Any) -> None:

@@ -29,9 +29,9 @@ are comparable with each other because they use the same reference sample and eq
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -51,8 +51,9 @@ def split_labels(data: Dataset) -> Tensor:
     select from it and ``CorruptedDataset`` leaves labels alone. Any other dataset is read
     sample by sample (once per evaluation).
     """
+    size = len(cast(Sized, data))
     labels = getattr(data, "labels", None)
-    if isinstance(labels, Tensor) and len(labels) == len(data):
+    if isinstance(labels, Tensor) and len(labels) == size:
         return labels.long().reshape(-1)
     inner = getattr(data, "dataset", None)
     if inner is not None:
@@ -60,9 +61,9 @@ def split_labels(data: Dataset) -> Tensor:
         base = split_labels(inner)
         if indices is not None:
             return base[torch.as_tensor(list(indices), dtype=torch.long)]
-        if len(base) == len(data):
+        if len(base) == size:
             return base
-    return torch.tensor([int(data[i]["label"]) for i in range(len(data))], dtype=torch.long)
+    return torch.tensor([int(data[i]["label"]) for i in range(size)], dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class ReferenceFID(Metric):
             self.add_state(f"{group}_outer", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{group}_n", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, images: Tensor, group: str) -> None:  # type: ignore[override]
+    def update(self, images: Tensor, group: str) -> None:
         if group != REFERENCE and group not in self.groups:
             raise ValueError(f"unknown group {group!r}; expected {REFERENCE!r} or one of {self.groups}")
         if images.dim() < 2:

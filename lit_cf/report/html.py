@@ -29,9 +29,9 @@ from lit_cf.report.formatting import (
     format_value,
     is_missing,
 )
-from lit_cf.report.images import signed_difference
+from lit_cf.report.images import signed_difference_with_scale, upscale, upscale_factor
 
-MIN_IMAGE_PX = 84  # small images (MNIST 28x28) are upscaled, nearest neighbour, to at least this size
+MIN_IMAGE_PX = 96  # small images are upscaled, nearest neighbour, to at least this size (28-px digits: 4x)
 METRICS_PER_FIGURE = 12
 MAX_ATTRIBUTION_BARS = 40
 POSITIVE_COLOUR = "#b2182b"
@@ -63,6 +63,29 @@ class ReportSection:
     per_pair: list[dict[str, Any]] = field(default_factory=list)
     # (descriptor name, score, ci_low, ci_high)
     global_attributions: list[tuple[str, float, float, float]] | None = None
+    # declared image-sequence outputs of the run's method (e.g. stages), drawn as progression strips
+    sequences: list[SequenceGrid] = field(default_factory=list)
+
+
+@dataclass
+class SequenceRow:
+    """One record of an image-sequence output: query | frame 1 ... frame K | difference of frame K.
+
+    ``frames`` is ``[K, C, H, W]`` in ``[0, 1]``, the same image shape as ``query``.
+    """
+
+    query: Tensor
+    frames: Tensor
+    caption: str
+
+
+@dataclass
+class SequenceGrid:
+    """The rows of one declared image-sequence output of a run, with the method's caption for it."""
+
+    name: str
+    caption: str
+    rows: list[SequenceRow] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,8 +103,13 @@ def _image_tensor(x: Any, what: str) -> Tensor:
     return torch.nan_to_num(t, nan=0.0, posinf=1.0, neginf=0.0)
 
 
-def _display_array(t: Tensor) -> np.ndarray:
-    """``[C, H, W]`` in [0, 1] -> uint8 ``H x W`` (grey) or ``H x W x 3`` (RGB)."""
+def _display_array(t: Tensor, min_px: int = MIN_IMAGE_PX) -> np.ndarray:
+    """``[C, H, W]`` in [0, 1] -> uint8 ``H x W`` (grey) or ``H x W x 3`` (RGB), upscaled.
+
+    Nearest neighbour (:func:`~lit_cf.report.images.upscale`, as in the PNG grids) so the
+    shorter side is at least ``min_px``.
+    """
+    t = upscale(t, upscale_factor(t.shape[-2], t.shape[-1], min_px))
     if t.shape[0] == 1:
         t = t[0]
     elif t.shape[0] >= 3:
@@ -96,23 +124,18 @@ def signed_difference_map(query: Tensor, counterfactual: Tensor) -> tuple[Tensor
 
     Red where the counterfactual adds intensity, blue where it removes, white where unchanged;
     scaled by the image's own largest absolute (channel-summed) change, which is returned too
-    (0.0 for an unchanged image). Same colours as the PNG grids of ``lit-cf explain``.
+    (0.0 for an unchanged image). The one map of :mod:`lit_cf.report.images`, as in the PNG grids.
     """
-    diff = (counterfactual - query).sum(0)
-    scale = float(diff.abs().max()) if diff.numel() else 0.0
-    return signed_difference(query[None], counterfactual[None])[0], scale
+    rgb, scale = signed_difference_with_scale(query[None], counterfactual[None])
+    return rgb[0], float(scale[0])
 
 
-def _png_data_uri(array: np.ndarray, min_px: int = MIN_IMAGE_PX) -> tuple[str, int, int]:
-    """PNG data URI of a uint8 image, upscaled (nearest) so its shorter side is >= ``min_px``."""
+def _png_data_uri(array: np.ndarray) -> tuple[str, int, int]:
+    """PNG data URI of a uint8 image (from :func:`_display_array`), with its width and height."""
     image = Image.fromarray(np.ascontiguousarray(array))
-    w, h = image.size
-    k = max(1, math.ceil(min_px / max(1, min(w, h))))
-    if k > 1:
-        image = image.resize((w * k, h * k), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return _data_uri(buf.getvalue()), w * k, h * k
+    return _data_uri(buf.getvalue()), image.size[0], image.size[1]
 
 
 def _data_uri(png: bytes) -> str:
@@ -161,7 +184,8 @@ def numeric_columns(table: list[dict[str, Any]], label_column: str | None) -> li
         values = [cell(r, column) for r in table]
         if any(v is not None and not is_missing(v) and as_number(v) is None for v in values):
             continue  # text (or flags) in the column
-        if any(as_number(v) is not None and math.isfinite(as_number(v)) for v in values):
+        numbers = [x for x in (as_number(v) for v in values) if x is not None]
+        if any(math.isfinite(x) for x in numbers):
             out.append(column)
     return out
 
@@ -206,12 +230,12 @@ def _metric_figures(table: list[dict[str, Any]], label_column: str | None) -> li
 
 
 def _attribution_rows(attributions: Sequence[Sequence[Any]]) -> list[tuple[str, float, float, float]]:
-    rows = []
+    rows: list[tuple[str, float, float, float]] = []
     for i, entry in enumerate(attributions):
         if len(entry) != 4:
             raise ValueError(f"global attribution {i} must be (name, score, ci_low, ci_high), got {len(entry)} values")
         name, score, lo, hi = entry
-        rows.append((str(name), *(_float_or_nan(v) for v in (score, lo, hi))))
+        rows.append((str(name), _float_or_nan(score), _float_or_nan(lo), _float_or_nan(hi)))
     # strongest first; NaN scores last
     return sorted(rows, key=lambda r: -abs(r[1]) if math.isfinite(r[1]) else math.inf)
 
@@ -321,29 +345,57 @@ def _grid_html(rows: list[GridRow], where: str) -> str:
     return f'<div class="scroll"><table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
+def _sequence_html(sequence: SequenceGrid, where: str) -> str:
+    """A declared image sequence: query | frame 1 ... frame K | difference of the last frame | notes."""
+    body = []
+    k = 0
+    for i, row in enumerate(sequence.rows):
+        what = f"{where}, row {i}"
+        q = _image_tensor(row.query, f"query ({what})")
+        frames = torch.as_tensor(row.frames).detach().to("cpu", torch.float32)
+        if frames.dim() != 4 or frames.shape[0] < 1 or frames.shape[1:] != q.shape:
+            raise ValueError(f"frames must be [K, C, H, W] images of the query's shape ({what}), got {tuple(frames.shape)}")
+        k = max(k, len(frames))
+        diff, scale = signed_difference_map(q, _image_tensor(frames[-1], f"last frame ({what})"))
+        images = [("query", q)] + [(f"frame {j + 1}", _image_tensor(f, f"frame {j + 1} ({what})")) for j, f in enumerate(frames)]
+        images.append(("signed difference of the last frame", diff))
+        cells = []
+        for alt, t in images:
+            uri, w, h = _png_data_uri(_display_array(t))
+            cells.append(f"<td>{_img(uri, alt, w, h, 'px')}</td>")
+        body.append(f'<tr>{"".join(cells)}<td class="notes"><div class="caption">{_e(row.caption)}</div></td></tr>')
+    head = "".join(f'<th scope="col">{h}</th>' for h in ("Query", *(f"{j + 1}/{k}" for j in range(k)), "Difference", "Notes"))
+    caption = f"<figcaption>{_e(sequence.caption)}</figcaption>" if sequence.caption else ""
+    table = f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f'<figure>{caption}<div class="scroll">{table}</div></figure>'
+
+
 def _section_html(index: int, section: ReportSection) -> str:
     where = f"section {section.name!r}"
     parts = [f'<section class="run" id="run-{index}"><h2>{_e(section.name)}</h2>']
-    for heading, rows, key in (
+    for heading, grid_rows, key in (
         ("Examples", section.grid_rows, "examples"),
         ("Best cases", section.best, "best"),
         ("Worst cases", section.worst, "worst"),
     ):
-        if rows:
-            parts.append(f"<h3>{heading}</h3>{_grid_html(list(rows), f'{where}, {key}')}")
+        if grid_rows:
+            parts.append(f"<h3>{heading}</h3>{_grid_html(list(grid_rows), f'{where}, {key}')}")
+    for sequence in section.sequences:
+        if sequence.rows:
+            parts.append(f"<h3>{_e(sequence.name)}</h3>{_sequence_html(sequence, f'{where}, {sequence.name}')}")
     if section.per_pair:
         parts.append(f"<h3>Per source &rarr; target pair</h3>{_data_table(list(section.per_pair))}")
     if section.global_attributions:
-        rows = _attribution_rows(section.global_attributions)
+        ranked = _attribution_rows(section.global_attributions)
         note = (
-            f"<figcaption>Top {MAX_ATTRIBUTION_BARS} of {len(rows)} descriptors by |score|.</figcaption>"
-            if len(rows) > MAX_ATTRIBUTION_BARS
+            f"<figcaption>Top {MAX_ATTRIBUTION_BARS} of {len(ranked)} descriptors by |score|.</figcaption>"
+            if len(ranked) > MAX_ATTRIBUTION_BARS
             else ""
         )
-        table = [{"descriptor": n, "score": s, "ci low": lo, "ci high": hi} for n, s, lo, hi in rows]
+        table = [{"descriptor": n, "score": s, "ci low": lo, "ci high": hi} for n, s, lo, hi in ranked]
         parts.append(
             "<h3>Global attributions</h3>"
-            f"<figure>{_img(_attribution_figure(rows), f'global attributions of {section.name}', cls='plot')}{note}"
+            f"<figure>{_img(_attribution_figure(ranked), f'global attributions of {section.name}', cls='plot')}{note}"
             "</figure>"
             f"<details><summary>Values</summary>{_data_table(table)}</details>"
         )
@@ -403,7 +455,7 @@ def render_report(title: str, table: list[dict[str, Any]], sections: list[Report
     for uri, metrics in _metric_figures(table, label_column):
         parts.append(f"<figure>{_img(uri, 'bar charts of ' + ', '.join(metrics), cls='plot')}</figure>")
     parts.append("</section>")
-    if any(s.grid_rows or s.best or s.worst for s in sections):
+    if any(s.grid_rows or s.best or s.worst or any(q.rows for q in s.sequences) for s in sections):
         parts.append(
             '<p class="legend">Difference maps: <span class="swatch"></span> blue where the counterfactual '
             "removes intensity, white where unchanged, red where it adds (summed over channels), "
@@ -432,8 +484,9 @@ def write_report(
 
     ``table`` has one dict per method/run (first key: the row label, e.g. "method"); every numeric
     column gets a bar chart. Each :class:`ReportSection` adds grids (query | counterfactual |
-    signed difference), best/worst cases, a per source->target table and a global attribution
-    chart. ``meta`` is shown as a key/value table at the top. The file is written atomically
+    signed difference), best/worst cases, progression strips of each declared image sequence
+    (:class:`SequenceGrid`), a per source->target table and a global attribution chart.
+    ``meta`` is shown as a key/value table at the top. The file is written atomically
     (temporary file in the same folder, then ``os.replace``).
     """
     path = Path(path)

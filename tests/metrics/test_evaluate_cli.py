@@ -281,3 +281,36 @@ def test_mnac_and_cd_with_an_attribute_predictor_on_celeba(tmp_path):
     assert 0.0 <= overall["mnac_mean"] <= 40.0
     assert "cd" in overall and overall["cd"] >= 0.0
     assert len(json.loads((out / "metrics.json").read_text())["runs"]["run"]["global_attributions"]) == 40
+
+
+def test_evaluate_leaves_the_runs_rows_and_files_unchanged(setup, tmp_path, monkeypatch):
+    """Evaluation reads runs: the rows it opened (in memory) and the run's files stay as they were."""
+    import lit_cf.metrics.suite as suite
+
+    _, runs, _, _ = setup
+    opened: list[ExplainRun] = []
+
+    class Recording(ExplainRun):
+        def __init__(self, root):
+            super().__init__(root)
+            opened.append(self)
+
+    monkeypatch.setattr(suite, "ExplainRun", Recording)
+    files = {p: p.read_bytes() for p in Path(runs[0]).rglob("*") if p.is_file()}
+    out = tmp_path / "eval"
+    main(
+        [
+            "evaluate",
+            *DATA,
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            f"--runs=[{runs[0]}]",
+            f"--output_dir={out}",
+            "--cout_steps=2",
+            "--num_grid_images=2",
+        ]
+    )
+    assert len(opened) == 1 and opened[0].manifest == ExplainRun(runs[0]).manifest
+    assert {p: p.read_bytes() for p in Path(runs[0]).rglob("*") if p.is_file()} == files
+    html = (out / "report.html").read_text()
+    assert re.search(r"#\d+ \d -&gt; \d  p\(\d\) \d\.\d\d -&gt; \d\.\d\d", html), "captioned grids"

@@ -140,8 +140,8 @@ def test_images_are_embedded_pngs(report):
             sizes.append(im.size)
         assert img.get("alt")
     grid_sizes = sizes[: 3 * 5]  # the first section's grids (28x28, upscaled)
-    assert all(min(s) >= 84 for s in grid_sizes)
-    assert (84, 84) in grid_sizes and (96, 96) in sizes  # 28 * 3 and 32 * 3
+    assert all(min(s) >= 96 for s in grid_sizes)
+    assert (112, 112) in grid_sizes and (96, 96) in sizes  # 28 * 4 and 32 * 3
 
 
 def test_self_contained(report):
@@ -190,20 +190,20 @@ def test_difference_map_colours(tmp_path):
     _, zero = signed_difference_map(q, q)
     assert zero == 0.0
 
-    # the embedded difference image shows the same colours, upscaled 3x nearest neighbour
+    # the embedded difference image shows the same colours, upscaled 4x nearest neighbour
     path = write_report(tmp_path / "r.html", "t", [], [ReportSection("only", grid_rows=[GridRow(q, cf.clamp(0, 1), "c")])], {})
     parser = _Structure()
     parser.feed(path.read_text(encoding="utf-8"))
     diff_src = parser.imgs[2]["src"]
     with Image.open(io.BytesIO(base64.b64decode(diff_src.split(",", 1)[1]))) as im:
         im = im.convert("RGB")
-        assert im.size == (84, 84)
-        assert im.getpixel((0, 0)) == (255, 0, 0) and im.getpixel((2, 2)) == (255, 0, 0)
+        assert im.size == (112, 112)
+        assert im.getpixel((0, 0)) == (255, 0, 0) and im.getpixel((3, 3)) == (255, 0, 0)
         assert im.getpixel((50, 50)) == (255, 255, 255)
 
 
 def test_matches_explain_grids():
-    from lit_cf.explainers.grids import signed_difference
+    from lit_cf.report.images import signed_difference
 
     q, cf = _image(3, 8, 1), _image(3, 8, 2)
     ours, _ = signed_difference_map(q, cf)
