@@ -43,7 +43,9 @@ class LitCFTrainer(L.Trainer):
         trainer's accelerator, devices, strategy (e.g. ``ddp``: queries are sharded across
         ranks) and precision apply. Output is written chunk by chunk and atomically: re-running
         the same command after an interruption resumes; a finished directory is left alone
-        unless ``overwrite`` is true.
+        unless ``overwrite`` is true. Progress goes to stderr, one line per committed chunk
+        (records done, running success rate, time per record, time left; chunks of an earlier
+        interrupted run are counted as resumed).
 
         Args:
             model: The counterfactual method (``class_path`` + ``init_args``), e.g.

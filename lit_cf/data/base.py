@@ -15,8 +15,8 @@ writers can rely on one contract:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Sequence, Sized
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -31,7 +31,10 @@ class ImageDataModule(L.LightningDataModule):
     """Base datamodule: builds named splits once and serves loaders over them.
 
     Subclasses set ``num_classes``, ``image_shape`` and ``class_names`` and implement
-    :meth:`build_split`, returning a map-style dataset of sample dictionaries.
+    :meth:`build_split`, returning a map-style dataset of sample dictionaries. A subclass takes
+    its own arguments and passes the options below on with ``**kwargs`` (its ``--help`` and
+    config list them all); :attr:`split_names` must not depend on what a subclass sets after
+    calling ``super().__init__``, since ``predict_split`` is checked against it here.
 
     Args:
         batch_size: Samples per batch for every loader.
@@ -78,6 +81,8 @@ class ImageDataModule(L.LightningDataModule):
         if test_corruption is not None:
             # validates name and severity early, before any data is read
             CorruptedDataset.check(test_corruption, corruption_severity)
+        if predict_split not in self.split_names:
+            raise ValueError(f"unknown predict_split {predict_split!r}; choose one of {list(self.split_names)}")
         self._splits: dict[str, Dataset] = {}
 
     # ----------------------------------------------------------------- subclass API
@@ -101,7 +106,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"unknown split {split!r} for {type(self).__name__}; choose one of {list(self.split_names)}")
         if split not in self._splits:
             ds = self.build_split(split)
-            if self.limit is not None and len(ds) > self.limit:
+            if self.limit is not None and len(cast(Sized, ds)) > self.limit:
                 ds = Subset(ds, range(self.limit))
             if self.test_corruption is not None and split != "train":
                 ds = CorruptedDataset(ds, self.test_corruption, self.corruption_severity, seed=self.seed)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,7 @@ def _check_layout(root: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def _lines(path: Path) -> Iterator[str]:
+def _lines(path: Path) -> Generator[str, None, None]:
     # universal newlines: CRLF and LF files read alike
     with open(path, encoding="utf-8", newline=None) as f:
         yield from f
@@ -294,13 +294,9 @@ class CelebADataModule(ImageDataModule):
         target_attribute: Attribute used as the label; ``class_names`` are
             ``("not <attribute>", "<attribute>")``.
         image_size: Side of the square images (``image_shape`` is ``(3, image_size, image_size)``).
-        batch_size: Samples per batch for every loader.
-        num_workers: DataLoader worker processes.
-        seed: Seed for everything random in the data (corruptions).
-        predict_split: Split served by ``predict_dataloader`` (``train``, ``val`` or ``test``).
-        test_corruption: Optional corruption applied to ``val`` and ``test``.
-        corruption_severity: Severity 1-5 of ``test_corruption``.
-        limit: Optional cap on the number of samples per split (first ``limit`` indices).
+        **kwargs: Loading options of :class:`~lit_cf.data.base.ImageDataModule`: ``batch_size``,
+            ``num_workers``, ``seed``, ``predict_split``, ``test_corruption``,
+            ``corruption_severity`` and ``limit``.
     """
 
     num_classes = 2
@@ -311,27 +307,11 @@ class CelebADataModule(ImageDataModule):
         root: str = "data",
         target_attribute: str = "Smiling",
         image_size: int = 64,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        predict_split: str = "test",
-        test_corruption: str | None = None,
-        corruption_severity: int = 3,
-        limit: int | None = None,
+        **kwargs: Any,
     ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            predict_split=predict_split,
-            test_corruption=test_corruption,
-            corruption_severity=corruption_severity,
-            limit=limit,
-        )
-        if predict_split not in self.split_names:
-            raise ValueError(f"unknown predict_split {predict_split!r}; choose one of {list(self.split_names)}")
+        super().__init__(**kwargs)
         self.root = str(root)
         self.image_size = image_size
         self.attribute_names = read_attribute_names(self.root)

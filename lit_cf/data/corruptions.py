@@ -306,8 +306,11 @@ def corrupt(x: Tensor, name: str, severity: int, seed: int | Sequence[int] | Ten
     generators: list[torch.Generator] | None = None
     if seed is not None:
         if isinstance(seed, Tensor):
-            seed = seed.reshape(-1).tolist()
-        seeds = [sample_seed(seed, i) for i in range(b)] if isinstance(seed, numbers.Integral) else list(seed)
+            seeds = [int(s) for s in seed.reshape(-1).tolist()]
+        elif isinstance(seed, (int, numbers.Integral)):
+            seeds = [sample_seed(int(seed), i) for i in range(b)]
+        else:
+            seeds = [int(s) for s in seed]
         if len(seeds) != b:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {b}")
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]

@@ -62,7 +62,8 @@ class CounterfactualDataModule(ImageDataModule):
         seed: int = 0,
         limit: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, limit=limit)
+        # predict serves val: there is no test split of pooled counterfactuals
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split="val", limit=limit)
         if not runs:
             raise UserError("CounterfactualDataModule needs at least one explain run (runs: [...])")
         if not 0.0 <= val_fraction < 1.0:
@@ -98,7 +99,8 @@ class CounterfactualDataModule(ImageDataModule):
             if len(shapes) != 1:
                 raise UserError(f"the runs hold images of different shapes {sorted(shapes)}: pool runs of one dataset")
             self._pool = _Pool(torch.cat(images), torch.cat(labels).long(), torch.cat(kinds))
-            self.image_shape = tuple(self._pool.images.shape[1:])
+            c, h, w = self._pool.images.shape[1:]  # counterfactuals are [N, C, H, W]
+            self.image_shape = (c, h, w)
         return self._pool
 
     @property

@@ -123,12 +123,9 @@ class ImageFolderDataModule(ImageDataModule):
         check_images: Decode every image once when the folder is first used (catches corrupt
             files before any output); off: a bad file fails when it is read.
         batch_size: Samples per batch.
-        num_workers: DataLoader workers.
-        seed: Seed of the split permutation.
-        predict_split: Split served by ``predict_dataloader``.
-        test_corruption: Optional corruption of the evaluation splits.
-        corruption_severity: Its severity 1-5.
-        limit: Optional cap on the samples per split.
+        **kwargs: Loading options of :class:`~lit_cf.data.base.ImageDataModule`: ``num_workers``,
+            ``seed`` (also of the split permutation), ``predict_split``, ``test_corruption``,
+            ``corruption_severity`` and ``limit``.
     """
 
     def __init__(
@@ -142,14 +139,9 @@ class ImageFolderDataModule(ImageDataModule):
         on_error: str = "raise",
         check_images: bool = True,
         batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        predict_split: str = "test",
-        test_corruption: str | None = None,
-        corruption_severity: int = 3,
-        limit: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, predict_split, test_corruption, corruption_severity, limit)
+        super().__init__(batch_size=batch_size, **kwargs)
         if channels not in (1, 3):
             raise UserError(f"channels must be 1 or 3, got {channels}")
         if image_size < 1:
@@ -162,6 +154,7 @@ class ImageFolderDataModule(ImageDataModule):
             raise UserError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
         self.root, self.image_size, self.channels_, self.on_error = root, image_size, channels, on_error
         self.val_fraction, self.test_fraction, self.check_images = val_fraction, test_fraction, check_images
+        names: list[str]
         if files is not None:
             paths = [Path(f) for f in files]
             missing = [str(p) for p in paths if not p.is_file()]

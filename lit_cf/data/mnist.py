@@ -136,13 +136,9 @@ class TorchvisionIDXDataModule(ImageDataModule):
         download: Whether torchvision may download missing files (only tried when neither the
             unpacked nor the ``.gz`` version of a file is present).
         val_size: Number of images held out of the official train split for ``val`` (>= 1).
-        batch_size: Samples per batch for every loader.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the train/val division.
-        predict_split: Split served by ``predict_dataloader`` (``train``, ``val`` or ``test``).
-        test_corruption: Optional corruption applied to ``val`` and ``test``.
-        corruption_severity: Severity 1-5 of ``test_corruption``.
-        limit: Optional cap on the number of samples per split (first ``limit`` indices).
+        **kwargs: Loading options of :class:`~lit_cf.data.base.ImageDataModule`: ``batch_size``,
+            ``num_workers``, ``seed``, ``predict_split``, ``test_corruption``,
+            ``corruption_severity`` and ``limit``.
     """
 
     torchvision_cls: type[datasets.MNIST] = datasets.MNIST
@@ -155,27 +151,11 @@ class TorchvisionIDXDataModule(ImageDataModule):
         root: str = "data",
         download: bool = True,
         val_size: int = 5000,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        predict_split: str = "test",
-        test_corruption: str | None = None,
-        corruption_severity: int = 3,
-        limit: int | None = None,
+        **kwargs: Any,
     ) -> None:
         if val_size < 1:
             raise ValueError(f"val_size must be >= 1, got {val_size}")
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            predict_split=predict_split,
-            test_corruption=test_corruption,
-            corruption_severity=corruption_severity,
-            limit=limit,
-        )
-        if predict_split not in self.split_names:
-            raise ValueError(f"unknown predict_split {predict_split!r}; choose one of {list(self.split_names)}")
+        super().__init__(**kwargs)
         self.root = str(root)
         self.download = download
         self.val_size = val_size

@@ -84,14 +84,15 @@ class TensorDataModule(ImageDataModule):
             raise UserError(f"{len(labels)} labels for {len(images)} images")
         self._images, self._labels = images, labels
         self.num_classes = num_classes
-        self.image_shape = tuple(images.shape[1:])
+        c, h, w = images.shape[1:]  # check_images made it [N, C, H, W]
+        self.image_shape = (c, h, w)
 
     @property
     def split_names(self) -> tuple[str, ...]:
         return ("all",)
 
     def build_split(self, split: str) -> Dataset:
-        if self._images is None:
+        if self._images is None or self._labels is None:
             raise UserError("TensorDataModule has no images: give path (a .safetensors file) or use from_tensor")
         return _TensorDataset(self._images, self._labels)
 

@@ -210,8 +210,8 @@ class CounterfactualMethod(L.LightningModule):
             raise RuntimeError("no classifier attached: call attach(classifier) before explaining")
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
-                "explain needs gradients but inference mode is on: run it with Trainer(inference_mode=False) "
-                "(lit-cf explain does this for you)"
+                "explain needs gradients but inference mode is on: call optimise() outside torch.inference_mode() "
+                "(predict_step, which Trainer.predict and lit-cf explain call, leaves it by itself)"
             )
 
     def attached_classifier(self) -> ImageClassifier:
@@ -286,16 +286,26 @@ class CounterfactualMethod(L.LightningModule):
         }
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        start = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        out: dict[str, Any] = self.optimise(batch)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            out["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:  # the process's peak resident memory so far (Linux reports KiB)
-            out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        out["chunk_seconds"] = time.perf_counter() - start
+        """Optimise one chunk inside Lightning's predict loop, whatever its grad mode.
+
+        The loop runs under ``torch.inference_mode`` (``Trainer(inference_mode=True)``, the
+        default) or ``torch.no_grad``; the optimisation needs autograd, so this step leaves
+        inference mode for its own duration and works on copies of the batch tensors (tensors
+        made in inference mode cannot take part in autograd). The trainer's settings are left
+        as the user gave them.
+        """
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = {k: v.clone() if isinstance(v, Tensor) and v.is_inference() else v for k, v in batch.items()}
+            start = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            out: dict[str, Any] = dict(self.optimise(batch))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                out["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            else:  # the process's peak resident memory so far (Linux reports KiB)
+                out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            out["chunk_seconds"] = time.perf_counter() - start
         return out
 
 

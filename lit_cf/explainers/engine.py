@@ -7,22 +7,31 @@ predict loop (each rank takes every ``world_size``-th pending chunk); merge on r
 
 Chunks are a fixed partition of the record list, so a resumed or multi-device run optimises
 exactly the same batches as an uninterrupted single-device run.
+
+The trainer is used through public API only: its own settings stay as the user gave them. The
+method leaves inference mode inside its ``predict_step`` (see
+:meth:`~lit_cf.explainers.base.CounterfactualMethod.predict_step`), and the chunk sampler is a
+``DistributedSampler``, which Lightning never replaces. Rank 0 prints one progress line per
+chunk it commits (:class:`ExplainProgress`).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from lit_cf import __version__
 from lit_cf.errors import UserError
@@ -60,15 +69,23 @@ class ChunkDataset(Dataset):
         return batch
 
 
-class RankChunkSampler(Sampler[int]):
+class RankChunkSampler(DistributedSampler[int]):
     """This rank's share (every ``world_size``-th) of the chunks not yet committed.
 
-    Resolved lazily, on first use inside the predict loop: by then every rank has joined the
-    process group, which happens after rank 0 prepared (or cleared) the run directory.
+    A ``DistributedSampler`` so that Lightning leaves it in place under every strategy: with
+    ``Trainer(use_distributed_sampler=True)`` (the default) Lightning does not replace a sampler
+    that is already distributed, and with ``False`` it replaces none. The engine shards whole
+    chunks itself, without the padding of a plain ``DistributedSampler``.
+
+    Rank and world size are resolved lazily, on first use inside the predict loop: by then every
+    rank has joined the process group, which happens after rank 0 prepared (or cleared) the run
+    directory (and under ``ddp_spawn`` the sampler is pickled before the ranks exist).
     """
 
-    def __init__(self, rundir: RunDir, num_chunks: int) -> None:
-        self.rundir, self.num_chunks = rundir, num_chunks
+    def __init__(self, rundir: RunDir, chunks: ChunkDataset) -> None:
+        # one replica until _mine() knows better: the base class must not look for a process group yet
+        super().__init__(chunks, num_replicas=1, rank=0, shuffle=False)
+        self.rundir, self.num_chunks = rundir, len(chunks)
         self._ids: list[int] | None = None
 
     def _mine(self) -> list[int]:
@@ -76,25 +93,134 @@ class RankChunkSampler(Sampler[int]):
             done = self.rundir.done_chunks()
             pending = [c for c in range(self.num_chunks) if c not in done]
             if dist.is_available() and dist.is_initialized():
-                pending = pending[dist.get_rank() :: dist.get_world_size()]
+                self.rank, self.num_replicas = dist.get_rank(), dist.get_world_size()
+                pending = pending[self.rank :: self.num_replicas]
             self._ids = pending
+            self.num_samples = self.total_size = len(pending)
         return self._ids
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self._mine())
 
     def __len__(self) -> int:
         return len(self._mine())
 
 
+def _format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _format_rate(seconds_per_record: float) -> str:
+    if seconds_per_record >= 1:
+        return f"{seconds_per_record:.1f} s/record"
+    return f"{seconds_per_record * 1000:.0f} ms/record"
+
+
+class ExplainProgress:
+    """Progress of an explain run, one line per chunk that rank 0 commits (to ``stream``).
+
+    Counts come from the committed chunk files, so under DDP the lines cover every rank's work
+    (each other rank's chunk is read once, when rank 0 next commits). Chunks committed by an
+    earlier, interrupted run are counted as resumed: they are in the record counts and the
+    success rate but not in the time per record, which covers this run's records only.
+
+    Args:
+        rundir: The run directory.
+        num_records: Records of the whole run.
+        num_chunks: Chunks of the whole run.
+        stream: Where the lines go (default: ``sys.stderr`` at the time of printing).
+    """
+
+    def __init__(self, rundir: RunDir, num_records: int, num_chunks: int, stream: TextIO | None = None) -> None:
+        self.rundir, self.num_records, self.num_chunks, self.stream = rundir, num_records, num_chunks, stream
+        self.seen: set[int] = set()
+        self.records = self.successes = 0
+        self.resumed_chunks = self.resumed_records = 0
+        self.new_records = 0
+        self.start = time.perf_counter()
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream or sys.stderr, flush=True)
+
+    def _tally(self, chunk: int, rows: Sequence[dict[str, Any]] | None = None) -> int:
+        """Count a committed chunk once; returns its number of records (0 if already counted)."""
+        if chunk in self.seen:
+            return 0
+        if rows is None:
+            rows = self._read_rows(chunk)
+            if rows is None:
+                return 0
+        self.seen.add(chunk)
+        self.records += len(rows)
+        self.successes += sum(bool(r.get("success")) for r in rows)
+        return len(rows)
+
+    def _read_rows(self, chunk: int) -> list[dict[str, Any]] | None:
+        """The rows of a chunk another rank (or an earlier run) committed; None if unreadable.
+
+        Only the outcome columns are needed here; the shard checksums are verified at the merge.
+        """
+        try:
+            lines = self.rundir.chunk_paths(chunk)[1].read_text().splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+        except (OSError, ValueError):
+            return None
+        return [r for r in rows if isinstance(r, dict) and "commit" not in r]
+
+    def resume(self) -> None:
+        """Count the chunks already committed before this run and say so (if any)."""
+        for chunk in sorted(self.rundir.done_chunks()):
+            n = self._tally(chunk)
+            if n:
+                self.resumed_chunks += 1
+                self.resumed_records += n
+        if self.resumed_chunks:
+            self._print(
+                f"lit-cf explain: resuming: {self.resumed_chunks}/{self.num_chunks} chunks "
+                f"({self.resumed_records}/{self.num_records} records) already committed, "
+                f"success {self.successes / max(self.records, 1):.1%}"
+            )
+        self.start = time.perf_counter()
+
+    def committed(self, chunk: int, rows: Sequence[dict[str, Any]]) -> None:
+        """Rank 0 committed ``chunk`` (its ``rows``): count it and the other ranks' new chunks."""
+        self.new_records += self._tally(chunk, rows)
+        for other in sorted(self.rundir.done_chunks() - self.seen):
+            self.new_records += self._tally(other)
+        elapsed = time.perf_counter() - self.start
+        per_record = elapsed / max(self.new_records, 1)
+        resumed = f", {self.resumed_records} resumed" if self.resumed_records else ""
+        this_chunk = sum(bool(r.get("success")) for r in rows) / max(len(rows), 1)
+        remaining = max(self.num_records - self.records, 0)
+        self._print(
+            f"lit-cf explain: chunk {len(self.seen)}/{self.num_chunks} ({self.records}/{self.num_records} records{resumed}) "
+            f"success {self.successes / max(self.records, 1):.1%} (this chunk {this_chunk:.1%}), "
+            f"{_format_rate(per_record)}, eta {_format_duration(remaining * per_record)}"
+        )
+
+
 class ChunkWriter(BasePredictionWriter):
     """Commits each optimised chunk to the run directory as soon as it is done."""
 
-    def __init__(self, rundir: RunDir, records: list[dict[str, Any]]) -> None:
+    def __init__(self, rundir: RunDir, records: list[dict[str, Any]], progress: ExplainProgress | None = None) -> None:
         super().__init__(write_interval="batch")
-        self.rundir, self.records = rundir, records
+        self.rundir, self.records, self.progress = rundir, records, progress
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         chunk = int(batch["chunk"])
         n = len(batch["record"])
         probs = prediction["final_probs"].cpu()
@@ -131,6 +257,14 @@ class ChunkWriter(BasePredictionWriter):
                 rec[key] = value[i].item()
             rows.append(rec)
         self.rundir.write_chunk(chunk, tensors, rows)
+        if self.progress is not None and trainer.is_global_zero:
+            self.progress.committed(chunk, rows)
+
+
+def _trainer_attr(trainer: L.Trainer, name: str) -> Any:
+    """A public Trainer attribute that Lightning sets in ``__init__`` without declaring it on the
+    class (``callbacks``, ``fast_dev_run``), so a type checker cannot see it."""
+    return getattr(trainer, name)
 
 
 def _first_conv_channels(model: torch.nn.Module) -> int | None:
@@ -180,7 +314,7 @@ def select_queries(
     num_queries: int | None,
     source_class: int | None,
 ) -> list[int]:
-    n = len(data)
+    n = len(cast(Sized, data))
     if indices is not None:
         bad = [i for i in indices if not 0 <= int(i) < n]
         if bad:
@@ -237,7 +371,7 @@ def run_explain(
     if source_class is not None and source_class < 0:
         raise UserError(f"source_class must be a class index >= 0, got {source_class}")
     limit = trainer.limit_predict_batches
-    if trainer.fast_dev_run or (limit is not None and (isinstance(limit, int) or limit < 1.0)):
+    if _trainer_attr(trainer, "fast_dev_run") or (limit is not None and (isinstance(limit, int) or limit < 1.0)):
         raise UserError(
             "explain runs every query: remove fast_dev_run / limit_predict_batches from the trainer settings "
             "(select fewer queries with num_queries or indices instead)"
@@ -331,23 +465,24 @@ def run_explain(
         return rundir.root
 
     num_chunks = -(-len(records) // chunk_size)
-    loader = DataLoader(ChunkDataset(data, records, chunk_size), batch_size=None, sampler=RankChunkSampler(rundir, num_chunks))
-    writer = ChunkWriter(rundir, records)
-    trainer.callbacks.append(writer)
-    # explain needs autograd inside predict_step, and ranks keep their own chunks (no DistributedSampler)
-    saved = trainer.predict_loop.inference_mode, trainer._accelerator_connector.use_distributed_sampler
-    trainer.predict_loop.inference_mode = False
-    trainer._accelerator_connector.use_distributed_sampler = False
+    chunks = ChunkDataset(data, records, chunk_size)
+    loader = DataLoader(chunks, batch_size=None, sampler=RankChunkSampler(rundir, chunks))
+    progress = ExplainProgress(rundir, len(records), num_chunks)
+    if trainer.is_global_zero:
+        progress.resume()
+    writer = ChunkWriter(rundir, records, progress)
+    callbacks: list[Callback] = _trainer_attr(trainer, "callbacks")
+    callbacks.append(writer)
     try:
         trainer.predict(method, dataloaders=loader, return_predictions=False)
     finally:
-        trainer.callbacks.remove(writer)
-        trainer.predict_loop.inference_mode, trainer._accelerator_connector.use_distributed_sampler = saved
+        callbacks.remove(writer)
+        method.remove_hooks()  # also after a failed run: the user's classifier is left as it was given
     trainer.strategy.barrier("explain-merge")
     if not trainer.is_global_zero:
         return rundir.root
     rows, integrity = rundir.merge(len(records))
-    grids = write_grids(rundir, rows, num_grid_images)
+    grids = write_grids(rundir, cast(list[dict[str, Any]], rows), num_grid_images)  # rows: plain JSON objects
     success = sum(r["success"] for r in rows) / len(rows)
     rundir.finish(
         {

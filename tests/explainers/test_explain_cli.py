@@ -177,6 +177,9 @@ def test_ddp_two_processes_equals_single_device(cnn_ckpt, tmp_path):
     # both ranks did work: the chunks were split between them
     chunks = {r["chunk"] for r in b.manifest}
     assert chunks == set(range(5))
+    # rank 0 alone prints progress, one line per chunk it committed (chunks 0, 2 and 4 of 5)
+    progress = [line for line in result.stderr.splitlines() if line.startswith("lit-cf explain: chunk")]
+    assert len(progress) == 3 and all("/5 (" in line for line in progress), result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- bad input
