@@ -4,9 +4,8 @@ Importing this package registers the built-in studies (one module each, imported
 name: a config only ever picks among these).
 """
 
-from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, run_study, study_registry
-
 # the built-in studies, one import per module (each registers its Study class)
-# (none yet)
+from lit_cf.studies import repro_duq  # noqa: F401
+from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, run_study, study_registry
 
 __all__ = ["ModelSpec", "Study", "StudyContext", "StudyResult", "register_study", "run_study", "study_registry"]
