@@ -11,9 +11,11 @@ layout and the key are those of :meth:`StudyContext.fit`: ``<out>/models/<name>-
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +30,31 @@ from lit_cf.studies.core import ModelSpec, StudyContext, _cli_args, _read_json, 
 __all__ = ["ResumableFit", "StopControl", "fit_resumable", "instantiate"]
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines (tips, "GPU available", "Seed set") off for a while, as the
+    context's own verbs run them; warnings stay."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning_fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            # `lit-cf study ...` is in sys.argv while the study passes the parser its own arguments
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def instantiate(spec: ModelSpec) -> tuple[L.LightningModule, L.LightningDataModule]:
     """The model and datamodule of ``spec`` (its configs and dotted args), built by lit-cf's CLI
     parser without running anything (``seed_everything`` of the config is applied)."""
     from lit_cf.cli import build_cli
 
     argv = [*(f"--config={resolve_config(c)}" for c in spec.configs), "--trainer.logger=false", *_cli_args(spec.args)]
-    with warnings.catch_warnings():
-        # `lit-cf study ...` is in sys.argv while the study passes the parser its own arguments
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    with _quiet_lightning():
         cli = build_cli(argv, run=False)
     if cli.datamodule is None:
         raise UserError(f"model {spec.name}: its configs {list(spec.configs)} define no data")
@@ -139,34 +157,39 @@ def fit_resumable(
     finished_before = isinstance(done, dict) and done.get("key") == key and ckpt.is_file()
     epochs = _epochs_in(ckpt) if ckpt.is_file() else 0
     control = StopControl(stop_after, time_budget)
-    trainer = L.Trainer(
-        **{
-            "accelerator": ctx.accelerator,
-            "devices": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            **(trainer_args or {}),
-            "max_epochs": max_epochs,
-            "default_root_dir": folder,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "callbacks": [*callbacks, control, ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_epochs=1)],
-        }
-    )
-    seconds = 0.0
-    if finished_before or epochs >= max_epochs or (stop_after is not None and epochs >= stop_after):
-        ctx.log(f"study: fit {spec.name}: {epochs} of {max_epochs} epochs done, nothing to train ({ckpt})")
-        # restore the weights and the callbacks' state without training: a fit of zero epochs
-        trainer.fit_loop.max_epochs = epochs
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        ctx.log(f"study: fit {spec.name} -> {folder}" + (f" (resuming after epoch {epochs})" if epochs else ""))
-        t0 = time.perf_counter()
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt if ckpt.is_file() else None, weights_only=True)
-        seconds = time.perf_counter() - t0
-        epochs = control.epochs_done
+    with _quiet_lightning():  # Lightning's info lines; the study's own progress lines stay
+        trainer = L.Trainer(
+            **{
+                "accelerator": ctx.accelerator,
+                "devices": 1,
+                "logger": False,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                **(trainer_args or {}),
+                "max_epochs": max_epochs,
+                "default_root_dir": folder,
+                "limit_val_batches": 0,
+                "num_sanity_val_steps": 0,
+                "callbacks": [
+                    *callbacks,
+                    control,
+                    ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_epochs=1),
+                ],
+            }
+        )
+        seconds = 0.0
+        if finished_before or epochs >= max_epochs or (stop_after is not None and epochs >= stop_after):
+            ctx.log(f"study: fit {spec.name}: {epochs} of {max_epochs} epochs done, nothing to train ({ckpt})")
+            # restore the weights and the callbacks' state without training: a fit of zero epochs
+            trainer.fit_loop.max_epochs = epochs
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            ctx.log(f"study: fit {spec.name} -> {folder}" + (f" (resuming after epoch {epochs})" if epochs else ""))
+            t0 = time.perf_counter()
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt if ckpt.is_file() else None, weights_only=True)
+            seconds = time.perf_counter() - t0
+            epochs = control.epochs_done
     finished = epochs >= max_epochs
     if finished and not finished_before:
         _write_json(
