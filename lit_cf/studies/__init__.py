@@ -5,7 +5,7 @@ name: a config only ever picks among these).
 """
 
 # the built-in studies, one import per module (each registers its Study class)
-from lit_cf.studies import repro_duq  # noqa: F401
+from lit_cf.studies import ablate_disc, repro_cf_attacks, repro_duq, student_disc  # noqa: F401
 from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, run_study, study_registry
 
 __all__ = ["ModelSpec", "Study", "StudyContext", "StudyResult", "register_study", "run_study", "study_registry"]

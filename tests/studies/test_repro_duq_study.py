@@ -95,3 +95,22 @@ def test_bad_settings_are_one_line_and_write_nothing(data_root, tmp_path, capsys
 def test_missing_data_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(UserError, match="MNIST/raw not found"):
         ReproDUQ(root=str(tmp_path / "nowhere"), datasets=["mnist"])
+
+
+def test_shipped_config_holds_the_study_defaults():
+    """configs/study/repro_duq.yaml names the study and validates; its settings are the class defaults."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from lit_cf.studies.core import study_registry, validate_settings
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/study/repro_duq.yaml").read_text())
+    cls = study_registry[cfg["study"]]
+    assert cfg["study"] == "repro_duq" and cfg["output_dir"]
+    settings = validate_settings(cls, cfg["settings"])
+    defaults = validate_settings(cls, {})
+    assert set(settings) == set(inspect.signature(cls.__init__).parameters) - {"self"}
+    # lists and mappings default to None in the signature and are spelled out in the config
+    assert {k: v for k, v in settings.items() if defaults[k] is not None} == {k: v for k, v in defaults.items() if v is not None}
