@@ -7,6 +7,7 @@ name (a config only ever picks among these; nothing read from a file decides an 
 # the built-in studies, one import line per module (each registers its Study class)
 import lit_cf.studies.battery  # noqa: F401
 import lit_cf.studies.ground_truth  # noqa: F401
+import lit_cf.studies.quickstart  # noqa: F401
 from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, run_study, study_registry
 
 __all__ = ["ModelSpec", "Study", "StudyContext", "StudyResult", "register_study", "run_study", "study_registry"]
