@@ -156,6 +156,7 @@ class StudyResult:
         passed: Overall verdict; ``lit-cf study`` exits with status 1 when it is ``False``.
         report: The ``report.html`` the study wrote (through :meth:`StudyContext.evaluate`), if any.
         notes: Lines printed under the table (and written into ``results.md``).
+        details: Anything else worth keeping (JSON-serialisable), written into ``results.json``.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -163,6 +164,7 @@ class StudyResult:
     passed: bool | None = None
     report: Path | None = None
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class StudyContext:
@@ -361,7 +363,13 @@ def _study_class(name: Any) -> type[Study]:
 def _settings_parser(cls: type[Study]) -> Any:
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog=f"lit-cf study ({cls.name})", exit_on_error=False, description=cls.__doc__)
+    # allow_abbrev off: a misspelt setting (--settings.epoch) must not silently set another one
+    parser = ArgumentParser(
+        prog=f"lit-cf study ({cls.name})",
+        exit_on_error=False,
+        allow_abbrev=False,
+        description=(cls.__doc__ or "").split("\n\n")[0],
+    )
     parser.add_argument("--config", required=False, help="the study config (YAML: study, output_dir, settings)")
     parser.add_argument("--output_dir", type=str | None, default=None, help="output folder (overrides the config's)")
     parser.add_argument("--overwrite", action="store_true", help="replace this folder's earlier study output")
@@ -543,6 +551,7 @@ def run_study(
             "passed": result.passed,
             "report": str(result.report) if result.report else None,
             "notes": result.notes,
+            "details": result.details,
             "seconds": seconds,
             "timings": ctx.timings,
         }

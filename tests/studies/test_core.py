@@ -143,6 +143,7 @@ def test_another_study_folder_needs_overwrite(tmp_path):
         ({"study": "tiny_core_test", "settings": {"epochs": "many"}}, [], "settings.epochs"),
         ({"study": "tiny_core_test"}, ["--settings.nope", "1"], "unrecognized arguments: --settings.nope"),
         ({"study": "tiny_core_test"}, ["--settings.queries", "two"], "settings.queries"),
+        ({"study": "tiny_core_test"}, ["--settings.quer", "2"], "unrecognized arguments: --settings.quer"),  # no prefix matching
         ({"study": "tiny_core_test"}, ["--settings.queries", "0"], "queries must be >= 1"),
         ({"study": "tiny_core_test", "extra": 1}, [], "unknown key(s) ['extra']"),
         ({"study": "tiny_core_test", "output_dir": None}, [], "no output folder"),
