@@ -3,7 +3,8 @@
 ``fit``, ``validate``, ``test`` and ``predict`` are stock LightningCLI subcommands in subclass
 mode: YAML picks any LightningModule / LightningDataModule by ``class_path``. ``explain`` is a
 method of :class:`~lit_cf.trainer.LitCFTrainer` whose signature and docstring are its
-``--help``. Configs are layered with repeated ``--config`` (see ``configs/``).
+``--help``. Configs are layered with repeated ``--config`` (see ``configs/``). ``study``
+runs a study of :mod:`lit_cf.studies` (``lit-cf study --config configs/study/<name>.yaml``).
 """
 
 from __future__ import annotations
@@ -169,7 +170,15 @@ def main(args: ArgsType = None) -> None:
     elif isinstance(args, (list, tuple)) and "--debug" in args:
         args = [a for a in args if a != "--debug"]
         debug = True
+    argv = sys.argv[1:] if args is None else (list(args) if isinstance(args, (list, tuple)) else [])
     try:
+        if argv and argv[0] == "study":  # studies run the verbs above in-process (lit_cf.studies)
+            from lit_cf.studies.core import study_main
+
+            status = study_main(argv[1:])
+            if status:
+                raise SystemExit(status)
+            return
         build_cli(args)
     except Exception as err:
         message = user_message(err)

@@ -9,8 +9,8 @@
 #   1. bench_explain on the GPU, fp32 and bf16: counterfactuals/s, batched / per-image ratio
 #      (the dry mode runs bf16 only, at tiny sizes)
 #   2. bench_fit: seconds per epoch of DUQ vs a CNN on the same network (+ a torch.profiler table)
-#   3. the DUQ paper protocol (scripts/repro_duq.py) on Fashion-MNIST and MNIST, time-boxed: the
-#      curve says how many of the 30 epochs were reached
+#   3. the DUQ paper protocol (`lit-cf study --config configs/study/repro_duq.yaml`) on
+#      Fashion-MNIST and MNIST, time-boxed: the curve says how many of the 30 epochs were reached
 #   4. diffusion, only where configs/model/ddpm_mnist.yaml exists: scripts/device_diffusion.sh
 #      when present (the diffusion study's own hook: args OUT_FILE DATA_ROOT SECONDS DRY), else
 #      train ddpm_mnist time-boxed and time `lit-cf explain` with each of dvce/fastdime/ace that
@@ -106,9 +106,9 @@ write_idx_dataset('$DATA', name='FashionMNIST', n_train=64, n_test=32)
 write_idx_dataset('$DATA', name='MNIST', n_train=64, n_test=32, seed=1)" >>"$LOG" 2>&1
   EXPLAIN_SIZE=(--images 8 --steps 2 --chunk 4 --per-image-subset 2 --train-size 64 --skip-rss --matmul-size 128)
   FIT_SIZE=(--train-size 16 --epochs 1 --profile 1 --models duq)
-  DUQ_SIZE=(--epochs 2 --data.init_args.val_size=8 --data.init_args.batch_size=16
-            "--model.init_args.backbone.init_args.channels=[4,8,8]" --model.init_args.backbone.init_args.hidden=16
-            --model.init_args.embedding_size=8)
+  DUQ_SIZE=(--settings.epochs 2 --settings.overrides '{"data.init_args.val_size": 8, "data.init_args.batch_size": 16,
+            "model.init_args.backbone.init_args.channels": [4, 8, 8], "model.init_args.backbone.init_args.hidden": 16,
+            "model.init_args.embedding_size": 8}')
   T_EXPLAIN=120; T_FIT=120
 else
   ACC=gpu; DATA=${DATA_ROOT:-$REPO/.device_data}
@@ -148,10 +148,11 @@ step bench_fit "$T_FIT" "$PY" scripts/bench_fit.py --accelerator "$ACC" "${FIT_S
 RESERVE=0; (( DIFFUSION )) && RESERVE=$(( DRY == 1 ? 60 : 150 ))
 PER_DATASET=$(( ($(left) - RESERVE - 40) / 2 ))
 (( PER_DATASET < 20 )) && PER_DATASET=20
-step duq_paper_protocol $(( 2 * PER_DATASET + 40 )) "$PY" scripts/repro_duq.py --root "$DATA" --out "$WORK/duq" \
-  --accelerator "$ACC" --time-budget "$PER_DATASET" "${DUQ_SIZE[@]}"
-for ds in fashion_mnist mnist; do
-  [ -f "$WORK/duq/$ds/result.json" ] && cp "$WORK/duq/$ds/result.json" "$OUT_DIR/duq_$ds.json"
+step duq_paper_protocol $(( 2 * PER_DATASET + 40 )) "$PY" -m lit_cf study --config configs/study/repro_duq.yaml \
+  --output_dir "$WORK/duq" --settings.root "$DATA" --settings.accelerator "$ACC" --settings.time_budget "$PER_DATASET" \
+  "${DUQ_SIZE[@]}"
+for ds in fashion_mnist mnist; do  # each dataset's figures and curve: models/duq-<dataset>-<key>/result.json
+  for f in "$WORK"/duq/models/duq-"$ds"-*/result.json; do [ -f "$f" ] && cp "$f" "$OUT_DIR/duq_$ds.json"; done
 done
 
 if (( DIFFUSION )); then

@@ -1,6 +1,4 @@
-import json
 import math
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -297,44 +295,3 @@ def test_old_checkpoint_rebuilds_the_old_model(tmp_path):
     assert model.backbone.fc[2].in_features == 16 * 3 * 3  # every conv padded, as before
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(model.eval()(x), old.eval()(x))
-
-
-def test_repro_duq_resumes_from_last_checkpoint(tmp_path, monkeypatch):
-    """The paper-protocol script stops after an epoch and resumes with --ckpt_path last."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import repro_duq
-
-    write_idx_dataset(tmp_path / "data", name="FashionMNIST", n_train=64, n_test=32)
-    write_idx_dataset(tmp_path / "data", name="MNIST", n_train=64, n_test=32, seed=1)
-    monkeypatch.chdir(tmp_path)
-    argv = [
-        "--root",
-        "data",
-        "--out",
-        "out",
-        "--epochs",
-        "3",
-        "--only",
-        "fashion_mnist",
-        "--data.init_args.val_size=8",
-        "--data.init_args.batch_size=16",  # 56 images: 3 full batches + 8 dropped
-        "--model.init_args.backbone.init_args.channels=[4,8,8]",
-        "--model.init_args.backbone.init_args.hidden=16",
-        "--model.init_args.embedding_size=8",
-    ]
-    first = repro_duq.main([*argv, "--stop-after", "1"])["fashion_mnist"]
-    assert first["epochs_done"] == 1 and not first["finished"] and [r["epoch"] for r in first["curve"]] == [1]
-    ckpt = torch.load(tmp_path / "out/fashion_mnist/checkpoints/last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 4  # Lightning counts the dropped batch too (its step changes nothing)
-    with pytest.raises(SystemExit, match="--ckpt_path last"):
-        repro_duq.main(argv)  # an existing run is never restarted silently
-    resumed = repro_duq.main([*argv, "--ckpt_path", "last"])["fashion_mnist"]
-    assert resumed["finished"] and resumed["epochs_done"] == 3
-    curve = json.loads((tmp_path / "out/fashion_mnist/curve.json").read_text())
-    assert curve == resumed["curve"] and [r["epoch"] for r in curve] == [1, 2, 3]
-    assert curve[0] == first["curve"][0]  # the first epoch's point came back from the checkpoint
-    # shortened schedule: milestones at epochs 1 and 2, so the resumed run continues the LR schedule
-    assert [r["lr"] for r in curve] == pytest.approx([0.05, 0.01, 0.002])
-    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["auroc_ood"] <= 1 for r in curve)
-    ckpt = torch.load(tmp_path / "out/fashion_mnist/checkpoints/last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 12

@@ -1,0 +1,170 @@
+"""lit_cf.studies core: reuse of trained models, resume, output-folder rules, `lit-cf study` errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_cf.cli import main
+from lit_cf.errors import UserError
+from lit_cf.studies import ModelSpec, Study, StudyContext, StudyResult, register_study, run_study, study_registry
+
+TINY = {
+    "data.init_args.train_size": 128,
+    "data.init_args.val_size": 32,
+    "data.init_args.test_size": 64,
+    "data.init_args.batch_size": 64,
+}
+
+
+@register_study
+class TinyCoreStudy(Study):
+    """A tiny study for the tests: one small CNN, a pixel explain run, a cached step."""
+
+    name = "tiny_core_test"
+
+    def __init__(self, epochs: int = 1, queries: int = 3, label: str = "a") -> None:
+        if queries < 1:
+            raise UserError("queries must be >= 1")
+        self.epochs, self.queries, self.label = epochs, queries, label
+
+    def run(self, ctx: StudyContext) -> StudyResult:
+        spec = ModelSpec(
+            "cnn",
+            ("data/rendered.yaml", "model/cnn.yaml"),
+            {**TINY, "trainer.max_epochs": self.epochs, "trainer.limit_train_batches": 2, "seed_everything": 0},
+        )
+        ckpt = ctx.fit(spec)
+        run = ctx.explain(
+            "pixel",
+            ("data/rendered.yaml", "explain/pixel.yaml"),
+            {"data.init_args.test_size": 64, "classifier": ckpt, "num_queries": self.queries, "model.init_args.steps": 2},
+        )
+        calls = []
+        n = ctx.cached("count", {"queries": self.queries}, lambda: calls.append(1) or len(list((run / "shards").glob("*"))))
+        rows = [{"model": "cnn", "queries": self.queries, "label": self.label, "fresh": bool(calls), "shards": n}]
+        return StudyResult(rows=rows, verdict={"pass": self.label != "fail", "why": "test"}, passed=self.label != "fail")
+
+
+def config(tmp_path: Path, **settings) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"study": "tiny_core_test", "output_dir": str(tmp_path / "out"), "settings": settings}))
+    return path
+
+
+def ckpts(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("models/*/last.ckpt")}
+
+
+def test_registry_holds_concrete_studies_by_name():
+    assert study_registry["tiny_core_test"] is TinyCoreStudy
+    with pytest.raises(TypeError):
+        register_study(Study)  # abstract: never registered
+    with pytest.raises(TypeError, match="taken"):
+
+        @register_study
+        class Other(TinyCoreStudy):  # same name, another class
+            name = "tiny_core_test"
+
+
+def test_study_writes_results_reuses_models_and_resumes(tmp_path, capsys):
+    cfg = config(tmp_path)
+    out = tmp_path / "out"
+    main(["study", "--config", str(cfg)])
+    printed = capsys.readouterr().out
+    assert "verdict: PASS" in printed and "results.md" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["study"] == "tiny_core_test" and results["settings"] == {"epochs": 1, "queries": 3, "label": "a"}
+    assert results["rows"][0]["fresh"] is True and results["passed"] is True
+    assert results["models"]["cnn"]["reused"] is False and len(results["models"]["cnn"]["key"]) == 12
+    assert "| cnn | 3 | a |" in (out / "results.md").read_text()
+    first = ckpts(out)
+    assert len(first) == 1
+
+    # the same command again: the model, the explain run and the cached step are reused
+    main(["study", "--config", str(cfg)])
+    again = json.loads((out / "results.json").read_text())
+    assert ckpts(out) == first
+    assert again["models"]["cnn"]["reused"] is True and again["rows"][0]["fresh"] is False
+
+    # other settings in the same folder: refused, nothing changed
+    with pytest.raises(SystemExit) as err:
+        main(["study", "--config", str(cfg), "--settings.epochs", "2"])
+    assert err.value.code == 2
+    assert "other settings" in capsys.readouterr().err
+    assert json.loads((out / "study.json").read_text())["settings"]["epochs"] == 1
+
+    # --overwrite: a changed model setting trains a new model (new key); the old one is kept
+    main(["study", "--config", str(cfg), "--settings.epochs", "2", "--overwrite"])
+    now = ckpts(out)
+    assert len(now) == 2 and set(first) < set(now)
+    assert now[next(iter(first))] == first[next(iter(first))]
+    # a setting that changes only the study's own step: the model is reused, the cache recomputed
+    main(["study", "--config", str(cfg), "--settings.epochs", "2", "--settings.queries", "4", "--overwrite"])
+    last = json.loads((out / "results.json").read_text())
+    assert last["models"]["cnn"]["reused"] is True and last["rows"][0]["fresh"] is True
+    assert ckpts(out) == now
+
+
+def test_failed_verdict_exits_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["study", "--config", str(config(tmp_path, label="fail")), "--settings.queries", "1"])
+    assert err.value.code == 1
+    assert "verdict: FAIL" in capsys.readouterr().out
+
+
+def test_folder_of_another_kind_is_refused_even_with_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="holds no lit-cf study"):
+            run_study(config(tmp_path), overwrite=overwrite)
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_another_study_folder_needs_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"study": "other", "settings": {}}))
+    (out / "mine.txt").write_text("kept")
+    with pytest.raises(UserError, match="another study"):
+        run_study(config(tmp_path))
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "study.json"]
+
+
+@pytest.mark.parametrize(
+    "doc,args,message",
+    [
+        ({"study": "no_such_study"}, [], "unknown study 'no_such_study'"),
+        ({"study": "tiny_core_test", "settings": {"epochs": "many"}}, [], "settings.epochs"),
+        ({"study": "tiny_core_test"}, ["--settings.nope", "1"], "unrecognized arguments: --settings.nope"),
+        ({"study": "tiny_core_test"}, ["--settings.queries", "two"], "settings.queries"),
+        ({"study": "tiny_core_test"}, ["--settings.quer", "2"], "unrecognized arguments: --settings.quer"),  # no prefix matching
+        ({"study": "tiny_core_test"}, ["--settings.queries", "0"], "queries must be >= 1"),
+        ({"study": "tiny_core_test", "extra": 1}, [], "unknown key(s) ['extra']"),
+        ({"study": "tiny_core_test", "output_dir": None}, [], "no output folder"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, doc, args, message):
+    out = tmp_path / "out"
+    doc = {"output_dir": str(out), **doc}
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SystemExit) as err:
+        main(["study", "--config", str(cfg), *args])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lit-cf: error: ") and message in lines[0]
+    assert not out.exists()
+
+
+def test_missing_config_is_a_usage_error(tmp_path, capsys):
+    for argv in (["study"], ["study", "--config", str(tmp_path / "absent.yaml")]):
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2
+        assert capsys.readouterr().err.startswith("lit-cf: error: ")
