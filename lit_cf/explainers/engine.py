@@ -36,10 +36,10 @@ from torch.utils.data.distributed import DistributedSampler
 from lit_cf import __version__
 from lit_cf.errors import UserError
 from lit_cf.explainers.base import CounterfactualMethod
-from lit_cf.report.grids import write_grids
 from lit_cf.explainers.targets import resolve_targets
 from lit_cf.models.base import ImageClassifier
 from lit_cf.models.external import ClassifierSource, export_classifier, load_classifier
+from lit_cf.report.grids import write_grids
 from lit_cf.runs import RunDir, atomic_write_text, check_output_dir
 
 SELECT = ("all", "correct", "misclassified")

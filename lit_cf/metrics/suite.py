@@ -268,7 +268,7 @@ def _load_scorers(request: EvaluateRequest, datamodule: Any, example: Tensor, de
         oracles=oracles,
         features=features,
         duq=duq,
-        descriptors=cast(DescriptorPredictor | None, descriptors),
+        descriptors=descriptors,
         cout_steps=request.cout_steps,
         batch_size=request.batch_size,
     )
