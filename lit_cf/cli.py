@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
@@ -63,7 +63,7 @@ class LitCFCLI(LightningCLI):
 
     def before_explain(self) -> None:
         # the resolved config goes into the run directory next to the counterfactuals
-        self.trainer.explain_config_yaml = self.parser.dump(self.config, skip_none=False)
+        cast(LitCFTrainer, self.trainer).explain_config_yaml = self.parser.dump(self.config, skip_none=False)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -74,7 +74,7 @@ class LitCFCLI(LightningCLI):
         return kwargs
 
     def before_evaluate(self) -> None:
-        self.trainer.evaluate_config_yaml = self.parser.dump(self.config, skip_none=False)
+        cast(LitCFTrainer, self.trainer).evaluate_config_yaml = self.parser.dump(self.config, skip_none=False)
 
     # ----------------------------------------------------------- error boundary (issue 14)
     def instantiate_classes(self) -> None:

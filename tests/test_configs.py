@@ -81,6 +81,8 @@ def test_every_config_is_covered():
     covered |= {"model/ddpm_tiny.yaml", "model/ddpm_mnist.yaml", "model/ddpm_celeba.yaml", "explain/dvce.yaml"}
     # FastDiME and ACE: run as shipped in tests/explainers/test_diffusion_methods_cli.py
     covered |= {"explain/fastdime.yaml", "explain/ace.yaml"}
+    # studies (`lit-cf study`): every configs/study/*.yaml is validated in tests/studies/test_study_configs.py
+    covered |= {p for p in shipped if p.startswith("study/")}
     assert shipped == covered, f"configs without a test: {sorted(shipped - covered)}"
 
 

@@ -9,7 +9,8 @@ pixel, DeepInversion and LatentAttack; evaluates all runs together (oracles, ``f
 the wide oracle's features, DUQ certainty, realism against real test images) and writes the
 comparison table and the report. It has no verdict. Expected on MNIST (Vaeth et al. 2023):
 counterfactuals of the robust classifier transfer to the oracles (OTA) far better than those of
-the standard classifier. Measured results: ``docs/results/battery.md``.
+the standard classifier. A run writes ``results.md`` and ``results.json`` into its output
+folder; measured runs belong in ``docs/results/battery.md`` (none is recorded yet).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ class TinyCoreStudy(Study):
 
     name = "tiny_core_test"
 
-    def __init__(self, epochs: int = 1, queries: int = 3, label: str = "a") -> None:
+    def __init__(self, epochs: int = 1, queries: int = 3, label: str = "a") -> None:  # label: a setting that changes nothing
         if queries < 1:
             raise UserError("queries must be >= 1")
         self.epochs, self.queries, self.label = epochs, queries, label
@@ -46,12 +46,27 @@ class TinyCoreStudy(Study):
         calls = []
         n = ctx.cached("count", {"queries": self.queries}, lambda: calls.append(1) or len(list((run / "shards").glob("*"))))
         rows = [{"model": "cnn", "queries": self.queries, "label": self.label, "fresh": bool(calls), "shards": n}]
-        return StudyResult(rows=rows, verdict={"pass": self.label != "fail", "why": "test"}, passed=self.label != "fail")
+        return StudyResult(rows=rows, verdict={"pass": True, "why": "test"}, passed=True)
 
 
-def config(tmp_path: Path, **settings) -> Path:
+@register_study
+class VerdictOnlyStudy(Study):
+    """No model: a cached step and a verdict (the exit status of `lit-cf study`)."""
+
+    name = "verdict_only_test"
+
+    def __init__(self, passed: bool = True) -> None:
+        self.passed = passed
+
+    def run(self, ctx: StudyContext) -> StudyResult:
+        value = ctx.cached("value", {"passed": self.passed}, lambda: {"x": [1, 2]})
+        why = "it said so" if self.passed else "it said no"
+        return StudyResult(rows=[{"x": value["x"][1]}], verdict={"pass": self.passed, "why": why}, passed=self.passed)
+
+
+def config(tmp_path: Path, study: str = "tiny_core_test", **settings) -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"study": "tiny_core_test", "output_dir": str(tmp_path / "out"), "settings": settings}))
+    path.write_text(yaml.safe_dump({"study": study, "output_dir": str(tmp_path / "out"), "settings": settings}))
     return path
 
 
@@ -109,11 +124,15 @@ def test_study_writes_results_reuses_models_and_resumes(tmp_path, capsys):
     assert ckpts(out) == now
 
 
-def test_failed_verdict_exits_1(tmp_path, capsys):
+def test_failed_verdict_exits_1_and_a_pass_returns(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
-        main(["study", "--config", str(config(tmp_path, label="fail")), "--settings.queries", "1"])
+        main(["study", "--config", str(config(tmp_path, "verdict_only_test", passed=False))])
     assert err.value.code == 1
-    assert "verdict: FAIL" in capsys.readouterr().out
+    assert "verdict: FAIL (it said no)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["passed"] is False
+    main(["study", "--config", str(config(tmp_path, "verdict_only_test")), "--output_dir", str(tmp_path / "ok")])
+    assert "verdict: PASS (it said so)" in capsys.readouterr().out
+    assert "| x |" in (tmp_path / "ok" / "results.md").read_text()
 
 
 def test_folder_of_another_kind_is_refused_even_with_overwrite(tmp_path):
