@@ -198,7 +198,7 @@ class LatentAttack(_LatentMethod):
     ``p * d(logit margin)``, which vanishes when the classifier is certain the image is *not*
     the target: with ``p`` below about 1e-10 Adam's step ``m / (sqrt(v) + eps)`` falls far
     under ``lr`` and the code does not move in 1,000 steps (observed for confident MNIST-style
-    classifiers, see ``lit_cf/studies/ground_truth.py`` (results in ``docs/results/ground_truth.md``)). ``loss="log_prob"`` uses the log of the same
+    classifiers, see the ground-truth study, ``docs/results/ground_truth.md``). ``loss="log_prob"`` uses the log of the same
     probability, whose gradient does not shrink with ``p``; the stopping rule is unchanged, so
     it only changes the path, and only matters for such saturated starts.
 

@@ -43,7 +43,7 @@ class AutoEncoder(L.LightningModule):
     can reach. ``sigmoid`` (default) keeps ``decode`` in ``[0, 1]``, but saturates: a pixel the
     decoder draws black (e.g. an empty corner) sits at a sigmoid output near 0, where its
     derivative is near 0 too, so a latent attack cannot switch on a feature drawn on empty
-    background until a long step has left the saturated region (``lit_cf/studies/ground_truth.py`` (results in ``docs/results/ground_truth.md``)
+    background until a long step has left the saturated region (the ground-truth study, ``docs/results/ground_truth.md``
     measures this as the "mark path"). ``identity`` returns the last layer's output as is: the
     reconstruction loss keeps it close to ``[0, 1]`` and its gradient never vanishes; the
     counterfactual methods clamp decoded images to ``[0, 1]``

@@ -351,7 +351,7 @@ def latent_attack_towards_7(classifier: Path, generator: Path, out: Path, num_qu
     """LatentAttack with the paper's Adam lr (0.1), stopping at p(7) >= 0.5 (these few-step
     classifiers rarely reach the paper's 0.75: their top probability averages about 0.4), the
     loss ``-log p`` and a pixel proximity term ``0.1 * ||x' - decode(z0)||^2``: the settings of
-    ``lit_cf/studies/ground_truth.py`` (results in ``docs/results/ground_truth.md``), with a pixel weight suited to these weakly confident
+    the ground-truth study, ``docs/results/ground_truth.md``, with a pixel weight suited to these weakly confident
     classifiers (the script's 1.5 suits its confident ones)."""
     main(
         [
@@ -382,7 +382,7 @@ def latent_attack_towards_7(classifier: Path, generator: Path, out: Path, num_qu
 def test_latent_attack_finds_the_shortcut_at_small_scale(cnn_ckpt, shortcut_ckpt, regressor, tmp_path):
     """The ground-truth check for LatentAttack at test scale (about 60 s on one core), on the
     edit the attack made (the factor regressor on ``decode(z0)`` and ``decode(z)``: the verdict
-    of ``lit_cf/studies/ground_truth.py`` (results in ``docs/results/ground_truth.md``)) and on query and counterfactual (as for the pixel method).
+    of the ground-truth study, ``docs/results/ground_truth.md``) and on query and counterfactual (as for the pixel method).
 
     Measured, not a property this test can guarantee: with these settings the check passed on
     both attributions for autoencoder seeds 0 (this one), 1 and 2. Without the pixel term the
