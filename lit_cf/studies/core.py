@@ -23,15 +23,18 @@ registered (the modules of :mod:`lit_cf.studies` register theirs when imported).
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -96,26 +99,31 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _run_cli(argv: list[str]) -> None:
-    """One lit-cf verb in this process (``lit_cf.cli.build_cli``), without Lightning's chatter."""
-    import logging
-    import warnings
-
-    from lit_cf.cli import build_cli
-
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines (tips, "GPU available", "Seed set") off while a study's verbs run;
+    warnings stay, except two that a study triggers by design."""
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning_fabric")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))  # tips, "GPU available", "Seed set"
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
     try:
         with warnings.catch_warnings():
             # `lit-cf study ...` is in sys.argv while the study passes each verb its own arguments
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-            build_cli(argv)
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _run_cli(argv: list[str]) -> None:
+    """One lit-cf verb in this process (``lit_cf.cli.build_cli``), without Lightning's chatter."""
+    from lit_cf.cli import build_cli
+
+    with quiet_lightning():
+        build_cli(argv)
 
 
 def _read_json(path: Path) -> Any:

@@ -11,11 +11,8 @@ layout and the key are those of :meth:`StudyContext.fit`: ``<out>/models/<name>-
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +22,17 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_cf.errors import UserError
-from lit_cf.studies.core import ModelSpec, StudyContext, _cli_args, _read_json, _write_json, resolve_config
+from lit_cf.studies.core import (
+    ModelSpec,
+    StudyContext,
+    _cli_args,
+    _read_json,
+    _write_json,
+    quiet_lightning,
+    resolve_config,
+)
 
 __all__ = ["ResumableFit", "StopControl", "fit_resumable", "instantiate"]
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Lightning's info lines (tips, "GPU available", "Seed set") off for a while, as the
-    context's own verbs run them; warnings stay."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning_fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
-    try:
-        with warnings.catch_warnings():
-            # `lit-cf study ...` is in sys.argv while the study passes the parser its own arguments
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def instantiate(spec: ModelSpec) -> tuple[L.LightningModule, L.LightningDataModule]:
@@ -54,7 +41,7 @@ def instantiate(spec: ModelSpec) -> tuple[L.LightningModule, L.LightningDataModu
     from lit_cf.cli import build_cli
 
     argv = [*(f"--config={resolve_config(c)}" for c in spec.configs), "--trainer.logger=false", *_cli_args(spec.args)]
-    with _quiet_lightning():
+    with quiet_lightning():
         cli = build_cli(argv, run=False)
     if cli.datamodule is None:
         raise UserError(f"model {spec.name}: its configs {list(spec.configs)} define no data")
@@ -157,7 +144,7 @@ def fit_resumable(
     finished_before = isinstance(done, dict) and done.get("key") == key and ckpt.is_file()
     epochs = _epochs_in(ckpt) if ckpt.is_file() else 0
     control = StopControl(stop_after, time_budget)
-    with _quiet_lightning():  # Lightning's info lines; the study's own progress lines stay
+    with quiet_lightning():  # Lightning's info lines; the study's own progress lines stay
         trainer = L.Trainer(
             **{
                 "accelerator": ctx.accelerator,
