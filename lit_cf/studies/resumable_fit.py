@@ -144,6 +144,9 @@ def fit_resumable(
     finished_before = isinstance(done, dict) and done.get("key") == key and ckpt.is_file()
     epochs = _epochs_in(ckpt) if ckpt.is_file() else 0
     control = StopControl(stop_after, time_budget)
+    # nothing left to train: a fit of zero epochs (max_epochs = the epochs done) only restores the
+    # weights and the callbacks' state
+    restore_only = finished_before or epochs >= max_epochs or (stop_after is not None and epochs >= stop_after)
     with quiet_lightning():  # Lightning's info lines; the study's own progress lines stay
         trainer = L.Trainer(
             **{
@@ -153,7 +156,7 @@ def fit_resumable(
                 "enable_progress_bar": False,
                 "enable_model_summary": False,
                 **(trainer_args or {}),
-                "max_epochs": max_epochs,
+                "max_epochs": epochs if restore_only else max_epochs,
                 "default_root_dir": folder,
                 "limit_val_batches": 0,
                 "num_sanity_val_steps": 0,
@@ -165,10 +168,8 @@ def fit_resumable(
             }
         )
         seconds = 0.0
-        if finished_before or epochs >= max_epochs or (stop_after is not None and epochs >= stop_after):
+        if restore_only:
             ctx.log(f"study: fit {spec.name}: {epochs} of {max_epochs} epochs done, nothing to train ({ckpt})")
-            # restore the weights and the callbacks' state without training: a fit of zero epochs
-            trainer.fit_loop.max_epochs = epochs
             trainer.fit(model, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         else:
             folder.mkdir(parents=True, exist_ok=True)
