@@ -164,6 +164,9 @@ def test_wandb_offline_logger_writes_run_on_disk(tmp_path, monkeypatch):
             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         ]
     )
+    import wandb
+
+    wandb.finish()  # a CLI process ends its run at exit; in-process, a run left open captures the next test's logger
     runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert runs, "an offline run folder must exist for `wandb sync`"
     assert list(runs[0].glob("*.wandb"))

@@ -264,6 +264,9 @@ def test_unwritable_output_dir(cnn_ckpt, tmp_path, capsys):
 def test_wandb_offline_run_gets_loss_curves_and_grids(cnn_ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.finish()  # no run of an earlier test in this process may capture this one's logger
     out = tmp_path / "run"
     args = explain_args(cnn_ckpt, out, "--num_queries=8", "--model.init_args.log_every=1")
     args.remove("--trainer.logger=false")

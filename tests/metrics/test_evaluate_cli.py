@@ -222,6 +222,9 @@ def test_evaluate_logs_table_and_images_to_wandb_offline(setup, cnn_ckpt, duq_ck
     root, runs, oracle, regressor = setup
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.finish()  # no run of an earlier test in this process may capture this one's logger
     args = evaluate_args(runs[:1], tmp_path / "eval", oracle, cnn_ckpt, duq_ckpt, regressor=regressor)
     args.remove("--trainer.logger=false")
     main(args + [f"--config={CONFIGS / 'logger/wandb.yaml'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'wb'}"])
