@@ -9,7 +9,8 @@ import lightning as L
 
 from lit_cf.explainers.base import CounterfactualMethod
 from lit_cf.explainers.engine import run_explain
-from lit_cf.metrics.suite import run_evaluate
+from lit_cf.metrics.checks import EvaluateRequest
+from lit_cf.metrics.suite import evaluate as evaluate_runs
 
 
 class LitCFTrainer(L.Trainer):
@@ -169,12 +170,10 @@ class LitCFTrainer(L.Trainer):
                 classes). ``null`` skips it.
             reference_seed: Seed of the real samples (recorded in ``metrics.json``).
         """
-        return run_evaluate(
-            self,
-            datamodule,
-            runs=runs,
+        request = EvaluateRequest(
+            runs=list(runs),
             output_dir=output_dir,
-            oracles=oracles,
+            oracles=dict(oracles or {}),
             feature_network=feature_network,
             duq=duq,
             descriptors=descriptors,
@@ -188,3 +187,4 @@ class LitCFTrainer(L.Trainer):
             reference=reference,
             reference_seed=reference_seed,
         )
+        return evaluate_runs(self, datamodule, request)

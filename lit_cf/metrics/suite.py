@@ -16,7 +16,7 @@ are never changed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_cf.errors import UserError
-from lit_cf.metrics.checks import ClassifierSource, EvaluateRequest, check_request, check_run_against_data
+from lit_cf.metrics.checks import EvaluateRequest, check_request, check_run_against_data
 from lit_cf.metrics.diversity import Diversity
 from lit_cf.metrics.factors import GroundTruthCollector, descriptor_setup
 from lit_cf.metrics.features import ClassifierFeatures
@@ -50,7 +50,7 @@ from lit_cf.models.external import classifier_identity
 from lit_cf.runs import ExplainRun, atomic_write_text
 from lit_cf.utils.checkpoint import load_module
 
-__all__ = ["evaluate_run", "perceptual_layers", "run_evaluate"]
+__all__ = ["evaluate", "evaluate_run", "perceptual_layers"]
 
 
 class _Normalized(nn.Module):
@@ -272,46 +272,6 @@ def _load_scorers(request: EvaluateRequest, datamodule: Any, example: Tensor, de
         cout_steps=request.cout_steps,
         batch_size=request.batch_size,
     )
-
-
-def run_evaluate(
-    trainer: L.Trainer,
-    datamodule: L.LightningDataModule,
-    runs: list[str],
-    output_dir: str,
-    oracles: Mapping[str, ClassifierSource] | None = None,
-    feature_network: ClassifierSource | None = None,
-    duq: str | None = None,
-    descriptors: str | None = None,
-    classifier: ClassifierSource | None = None,
-    names: list[str] | None = None,
-    batch_size: int = 256,
-    cout_steps: int = 50,
-    num_grid_images: int = 8,
-    overwrite: bool = False,
-    config_yaml: str | None = None,
-    reference: str | None = "test",
-    reference_seed: int = 0,
-) -> Path:
-    """See :meth:`lit_cf.trainer.LitCFTrainer.evaluate` (this is its body, keyword for keyword)."""
-    request = EvaluateRequest(
-        runs=list(runs),
-        output_dir=output_dir,
-        oracles=dict(oracles or {}),
-        feature_network=feature_network,
-        duq=duq,
-        descriptors=descriptors,
-        classifier=classifier,
-        names=names,
-        batch_size=batch_size,
-        cout_steps=cout_steps,
-        num_grid_images=num_grid_images,
-        overwrite=overwrite,
-        config_yaml=config_yaml,
-        reference=reference,
-        reference_seed=reference_seed,
-    )
-    return evaluate(trainer, datamodule, request)
 
 
 def evaluate(trainer: L.Trainer, datamodule: Any, request: EvaluateRequest) -> Path:

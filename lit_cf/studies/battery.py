@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lit_cf.errors import UserError
-from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study
+from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, require_positive
 
 __all__ = ["BatteryStudy"]
 
@@ -60,16 +60,9 @@ class BatteryStudy(Study):
         train_limit: int | None = None,
         accelerator: str = "auto",
     ) -> None:
-        for key, value in (
-            ("epochs", epochs),
-            ("robust_epochs", robust_epochs),
-            ("duq_epochs", duq_epochs),
-            ("ae_epochs", ae_epochs),
-            ("queries", queries),
-            ("steps", steps),
-        ):
-            if value < 1:
-                raise UserError(f"{key} must be >= 1, got {value}")
+        require_positive(
+            epochs=epochs, robust_epochs=robust_epochs, duq_epochs=duq_epochs, ae_epochs=ae_epochs, queries=queries, steps=steps
+        )
         if train_limit is not None and train_limit < 1:
             raise UserError(f"train_limit must be >= 1 (or null), got {train_limit}")
         if data == "mnist" and not Path(root).is_dir():

@@ -82,6 +82,13 @@ def _cli_args(args: Mapping[str, Any]) -> list[str]:
     return [f"--{key}={_cli_value(value)}" for key, value in args.items()]
 
 
+def require_positive(**values: int | float | None) -> None:
+    """Refuse a study setting below 1 (``None`` means "not given" and passes): one line naming it."""
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"{key} must be >= 1, got {value}")
+
+
 def resolve_config(path: str | Path) -> Path:
     """A config path: absolute as given, otherwise relative to the checkout's ``configs/``."""
     p = Path(path)

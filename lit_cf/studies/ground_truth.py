@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from lit_cf.errors import UserError
-from lit_cf.studies.core import CONFIG_ROOT, ModelSpec, Study, StudyContext, StudyResult, register_study
+from lit_cf.studies.core import CONFIG_ROOT, ModelSpec, Study, StudyContext, StudyResult, register_study, require_positive
 
 __all__ = [
     "CLASSIFIERS",
@@ -424,14 +424,7 @@ class GroundTruthStudy(Study):
         accelerator: str = "auto",
         threads: int | None = None,
     ) -> None:
-        for key, value in (
-            ("train_size", train_size),
-            ("test_size", test_size),
-            ("epochs", epochs),
-            ("num_queries", num_queries),
-        ):
-            if value < 1:
-                raise UserError(f"{key} must be >= 1, got {value}")
+        require_positive(train_size=train_size, test_size=test_size, epochs=epochs, num_queries=num_queries)
         for key, opt in (("ae_epochs", ae_epochs), ("regressor_epochs", regressor_epochs), ("threads", threads)):
             if opt is not None and opt < 1:
                 raise UserError(f"{key} must be >= 1 (or null), got {opt}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_cf.errors import UserError
-from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study
+from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, require_positive
 from lit_cf.studies.ground_truth import (
     CLASSIFIERS,
     SHORTCUT,
@@ -93,24 +93,22 @@ class QuickstartStudy(Study):
         seed: int = 0,
         accelerator: str = "auto",
     ) -> None:
-        for key, value in (
-            ("train_size", train_size),
-            ("test_size", test_size),
-            ("epochs", epochs),
-            ("duq_epochs", duq_epochs),
-            ("ae_epochs", ae_epochs),
-            ("oracle_epochs", oracle_epochs),
-            ("regressor_epochs", regressor_epochs),
-            ("num_queries", num_queries),
-            ("pixel_steps", pixel_steps),
-            ("disc_steps", disc_steps),
-            ("disc_fit_steps", disc_fit_steps),
-            ("latent_steps", latent_steps),
-            ("cout_steps", cout_steps),
-            ("n_boot", n_boot),
-        ):
-            if value < 1:
-                raise UserError(f"{key} must be >= 1, got {value}")
+        require_positive(
+            train_size=train_size,
+            test_size=test_size,
+            epochs=epochs,
+            duq_epochs=duq_epochs,
+            ae_epochs=ae_epochs,
+            oracle_epochs=oracle_epochs,
+            regressor_epochs=regressor_epochs,
+            num_queries=num_queries,
+            pixel_steps=pixel_steps,
+            disc_steps=disc_steps,
+            disc_fit_steps=disc_fit_steps,
+            latent_steps=latent_steps,
+            cout_steps=cout_steps,
+            n_boot=n_boot,
+        )
         if disc_l2_weight < 0:
             raise UserError(f"disc_l2_weight must be >= 0, got {disc_l2_weight}")
         self.disc_l2_weight = disc_l2_weight
