@@ -73,6 +73,7 @@ class LitCFTrainer(L.Trainer):
             select: ``all`` queries, only ``correct``ly classified or only ``misclassified``.
             target: Target rule: a class index; a list of class indices (several targets per
                 query); ``most_likely_other`` (most probable class but the predicted one);
+                ``most_likely_others:K`` (the K most probable classes but the predicted one);
                 ``flip`` (binary classifiers); ``all`` (every other class); ``label`` (the
                 true label); ``file`` (per-image targets from ``target_file``).
             target_file: JSON ``{"<index>": target or [targets]}`` or CSV ``index,target``

@@ -79,6 +79,8 @@ def test_every_config_is_covered():
     covered |= {"data/image_folder.yaml"}
     # DDPMs and DVCE: fitted and run as shipped in tests/models/test_diffusion.py and tests/explainers/test_dvce.py
     covered |= {"model/ddpm_tiny.yaml", "model/ddpm_mnist.yaml", "model/ddpm_celeba.yaml", "explain/dvce.yaml"}
+    # the latent DDPM needs a trained autoencoder: fitted as shipped (small sizes) in tests/models/test_latent_diffusion.py
+    covered |= {"model/latent_ddpm_mnist.yaml"}
     # FastDiME and ACE: run as shipped in tests/explainers/test_diffusion_methods_cli.py
     covered |= {"explain/fastdime.yaml", "explain/ace.yaml"}
     # studies (`lit-cf study`): every configs/study/*.yaml is validated in tests/studies/test_study_configs.py

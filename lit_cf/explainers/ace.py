@@ -200,6 +200,8 @@ class ACE(DiffusionCounterfactual):
         log_every: Log every this many chunks (0: off).
     """
 
+    pixel_space_only = True  # spatial masks: no latent DDPM
+
     def stopping_rule(self) -> str:
         refine = f", then {self.num_steps}-step refinement" if self.refine else ""
         return f"per image at the flip of C(F(x')) during PGD, at most {self.iterations} iterations{refine}"

@@ -34,7 +34,7 @@ __all__ = ["DiffusionCounterfactual", "check_diffusion_checkpoint"]
 def check_diffusion_checkpoint(path: str | Path | None, method: str = "this method") -> dict[str, Any]:
     """Check (without building the model) that ``path`` holds a ``lit-cf fit`` DDPM.
 
-    Returns ``{"hparams": ..., "data": <recorded training data or None>}``.
+    Returns ``{"hparams": ..., "data": <recorded training data or None>, "latent": <a latent DDPM>}``.
 
     Raises:
         UserError: no path, a missing or unreadable file, or a checkpoint of another model.
@@ -50,7 +50,10 @@ def check_diffusion_checkpoint(path: str | Path | None, method: str = "this meth
             f"the diffusion checkpoint {path} holds a {hparams['_class_path']}, not a lit_cf.models.DiffusionModel: "
             "train one with `lit-cf fit --config configs/model/ddpm_mnist.yaml`"
         )
-    return {"hparams": hparams, "data": read_checkpoint(path).get("lit_cf_data")}
+    from lit_cf.models.latent_diffusion import LatentDiffusionModel
+
+    latent = issubclass(cls, LatentDiffusionModel)
+    return {"hparams": hparams, "data": read_checkpoint(path).get("lit_cf_data"), "latent": latent}
 
 
 def _ste_clamp(x: Tensor) -> Tensor:
@@ -71,7 +74,9 @@ class DiffusionCounterfactual(CounterfactualMethod):
     ``explain`` as progression strips.
 
     Args:
-        diffusion: Checkpoint of a :class:`lit_cf.models.DiffusionModel` (``lit-cf fit``).
+        diffusion: Checkpoint of a :class:`lit_cf.models.DiffusionModel` (``lit-cf fit``); a
+            :class:`lit_cf.models.LatentDiffusionModel` works with the methods whose edits are not
+            spatial (DVCE).
         tau: Noise level to start from, as a share of the schedule, in ``(0, 1]``.
         num_steps: Reverse steps from ``tau`` to clean (a respaced grid;
             ``<= round(tau * T)``).
@@ -80,6 +85,9 @@ class DiffusionCounterfactual(CounterfactualMethod):
             dataset) differs from the data being explained (same image shape required).
         log_every: Log per-step quantities every this many steps (0 disables).
     """
+
+    #: true for methods whose edits are spatial (masks): they refuse a latent DDPM
+    pixel_space_only: bool = False
 
     abstract = True  # a base of methods, not a registered method
 
@@ -117,6 +125,12 @@ class DiffusionCounterfactual(CounterfactualMethod):
         if self._checked is None:
             self.validate_settings()
             info = check_diffusion_checkpoint(self.diffusion_path, type(self).__name__)
+            if info["latent"] and self.pixel_space_only:
+                raise UserError(
+                    f"{type(self).__name__} edits images in pixel space (spatial masks) and cannot use the latent DDPM "
+                    f"{self.diffusion_path}: pass a pixel-space DDPM (configs/model/ddpm_mnist.yaml), or explain with "
+                    "DVCE, which works on a latent DDPM"
+                )
             T = int(info["hparams"].get("num_train_timesteps", 1000))
             respaced_timesteps(T, self.tau, self.num_steps)  # UserError: tau or num_steps vs the schedule
             self.check_settings(info)

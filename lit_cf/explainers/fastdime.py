@@ -275,6 +275,7 @@ class FastDiME(DiffusionCounterfactual):
     """
 
     method_name = "fastdime"
+    pixel_space_only = True  # spatial masks: no latent DDPM
 
     def stopping_rule(self) -> str:
         scales = ", ".join(f"{s:g}" for s in self.class_scales)

@@ -79,16 +79,20 @@ def _uniform_params(
     return out
 
 
-def grouped_conv(x: Tensor, w: Tensor, b: Tensor, stride: int = 1) -> Tensor:
+CONV_IMPLS = ("grouped", "unfold")
+
+
+def grouped_conv(x: Tensor, w: Tensor, b: Tensor, stride: int = 1, impl: str = "grouped") -> Tensor:
     """Per-image convolution: ``x [B, Cin, H, W]`` with weights ``w [B, Cout, Cin, k, k]``, bias ``[B, Cout]``.
 
-    On CUDA one grouped convolution (``groups=B``); on CPU an im2col product (``unfold`` and
-    one ``baddbmm``), which measured about 1.6x faster than the grouped convolution there
-    (forward + backward, B=16, 36->32 channels at 28x28).
+    ``impl="grouped"``: one grouped convolution (``groups=B``) on every device. ``"unfold"``: an
+    im2col product (``unfold`` and one ``baddbmm``), the earlier CPU path, kept for comparison:
+    with torch 2.14 on 2 CPU cores the grouped convolution measured 1.7-2.6x faster (forward +
+    backward, B = 1-128, 8-36 -> 32 channels at 14-28 px; ``scripts/bench_disc.py`` prints both).
     """
     n, cin, h, wd = x.shape
     cout, k = w.shape[1], w.shape[-1]
-    if x.device.type != "cpu":
+    if impl == "grouped":
         out = F.conv2d(
             x.reshape(1, n * cin, h, wd),
             w.reshape(n * cout, cin, k, k),
@@ -98,6 +102,8 @@ def grouped_conv(x: Tensor, w: Tensor, b: Tensor, stride: int = 1) -> Tensor:
             groups=n,
         )
         return out.view(n, cout, out.shape[-2], out.shape[-1])
+    if impl != "unfold":
+        raise ValueError(f"conv impl must be one of {list(CONV_IMPLS)}, got {impl!r}")
     cols = F.unfold(x, k, padding=k // 2, stride=stride)  # [B, Cin*k*k, L]
     out = torch.baddbmm(b.unsqueeze(2), w.reshape(n, cout, -1), cols)
     ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (wd + 2 * (k // 2) - k) // stride + 1
@@ -123,12 +129,18 @@ class DIPPrior(ImagePrior):
         noise_channels: Channels of the input noise.
         skip_channels: Channels of each skip connection.
         noise_std: Scale of the input noise.
+        conv: ``grouped`` (one grouped convolution per layer) or ``unfold`` (im2col products, the
+            earlier CPU path); the same networks, different kernels (see :func:`grouped_conv`).
     """
 
     name = "dip"
 
-    def __init__(self, channels: int = 32, noise_channels: int = 8, skip_channels: int = 4, noise_std: float = 1.0) -> None:
-        self.c, self.cn, self.cs, self.noise_std = channels, noise_channels, skip_channels, noise_std
+    def __init__(
+        self, channels: int = 32, noise_channels: int = 8, skip_channels: int = 4, noise_std: float = 1.0, conv: str = "grouped"
+    ) -> None:
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"dip conv must be one of {list(CONV_IMPLS)}, got {conv!r}")
+        self.c, self.cn, self.cs, self.noise_std, self.conv = channels, noise_channels, skip_channels, noise_std, conv
 
     def _shapes(self, out_channels: int) -> dict[str, tuple[int, ...]]:
         c, cn, cs = self.c, self.cn, self.cs
@@ -164,17 +176,17 @@ class DIPPrior(ImagePrior):
 
     def render(self, params: dict[str, Tensor]) -> Tensor:
         def block(x: Tensor, name: str, stride: int = 1) -> Tensor:
-            y = grouped_conv(x, params[f"{name}.w"], params[f"{name}.b"], stride)
+            y = grouped_conv(x, params[f"{name}.w"], params[f"{name}.b"], stride, self.conv)
             return F.leaky_relu(F.instance_norm(y), 0.2)
 
         e0 = block(params["noise"], "e0")
         e1 = block(e0, "e1", stride=2)
         e2 = block(e1, "e2", stride=2)
-        s1 = grouped_conv(e1, params["s1.w"], params["s1.b"])
+        s1 = grouped_conv(e1, params["s1.w"], params["s1.b"], impl=self.conv)
         d1 = block(torch.cat([F.interpolate(e2, size=e1.shape[-2:], mode="nearest"), s1], 1), "d1")
-        s0 = grouped_conv(e0, params["s0.w"], params["s0.b"])
+        s0 = grouped_conv(e0, params["s0.w"], params["s0.b"], impl=self.conv)
         d0 = block(torch.cat([F.interpolate(d1, size=e0.shape[-2:], mode="nearest"), s0], 1), "d0")
-        return torch.sigmoid(grouped_conv(d0, params["out.w"], params["out.b"]))
+        return torch.sigmoid(grouped_conv(d0, params["out.w"], params["out.b"], impl=self.conv))
 
 
 class INRPrior(ImagePrior):
@@ -264,4 +276,4 @@ def fixed_entries(params: dict[str, Tensor]) -> set[str]:
     return {k for k in params if k == "noise" or k.startswith("_")}
 
 
-__all__ = ["DIPPrior", "INRPrior", "ImagePrior", "PixelPrior", "PRIORS", "fixed_entries", "grouped_conv", "psnr"]
+__all__ = ["CONV_IMPLS", "DIPPrior", "INRPrior", "ImagePrior", "PixelPrior", "PRIORS", "fixed_entries", "grouped_conv", "psnr"]

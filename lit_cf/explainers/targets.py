@@ -12,7 +12,8 @@ from torch import Tensor
 
 from lit_cf.errors import UserError
 
-RULES = ("most_likely_other", "flip", "all", "label", "file")
+RULES = ("most_likely_other", "most_likely_others:K", "flip", "all", "label", "file")
+TOP_K_PREFIX = "most_likely_others:"
 
 
 def read_target_file(path: str | Path) -> dict[int, list[int]]:
@@ -55,7 +56,8 @@ def resolve_targets(
 
     The *source* of a query is the classifier's original prediction. Rules:
     an int (fixed class), a list of ints (several targets per query), ``most_likely_other``
-    (the most probable class other than the prediction), ``flip`` (binary: the other class),
+    (the most probable class other than the prediction), ``most_likely_others:K`` (the K most
+    probable classes other than the prediction, most probable first), ``flip`` (binary: the other class),
     ``all`` (every class but the prediction), ``label`` (the true label, e.g. for
     misclassified queries) and ``file`` (per-image targets read from ``target_file``).
 
@@ -79,6 +81,17 @@ def resolve_targets(
         masked = probs.clone()
         masked[torch.arange(n), preds] = -1.0
         per_query = [[int(t)] for t in masked.argmax(-1)]
+    elif isinstance(rule, str) and rule.startswith(TOP_K_PREFIX):
+        k_text = rule[len(TOP_K_PREFIX) :]
+        if not k_text.isdigit() or not 1 <= int(k_text) < num_classes:
+            raise UserError(
+                f"target rule {rule!r}: K must be an integer from 1 to {num_classes - 1} (the classes other than the "
+                f"prediction), e.g. {TOP_K_PREFIX}3"
+            )
+        masked = probs.clone()
+        masked[torch.arange(n), preds] = -float("inf")
+        order = masked.argsort(dim=-1, descending=True, stable=True)[:, : int(k_text)]
+        per_query = [[int(t) for t in row] for row in order]
     elif rule == "flip":
         if num_classes != 2:
             raise UserError(f"target rule 'flip' needs a binary classifier, this one has {num_classes} classes")

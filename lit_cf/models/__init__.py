@@ -9,6 +9,7 @@ from lit_cf.models.descriptors import DescriptorPredictor
 from lit_cf.models.diffusion import DiffusionModel
 from lit_cf.models.duq import DUQClassifier
 from lit_cf.models.external import ExternalClassifier, load_classifier
+from lit_cf.models.latent_diffusion import LatentDenoiser, LatentDiffusionModel
 
 __all__ = [
     "PGD",
@@ -21,6 +22,8 @@ __all__ = [
     "DUQClassifier",
     "ExternalClassifier",
     "ImageClassifier",
+    "LatentDenoiser",
+    "LatentDiffusionModel",
     "ResNet18",
     "freeze",
     "load_classifier",

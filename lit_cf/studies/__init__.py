@@ -12,6 +12,7 @@ import lit_cf.studies.quickstart  # noqa: F401
 import lit_cf.studies.repro_cf_attacks  # noqa: F401
 import lit_cf.studies.repro_duq  # noqa: F401
 import lit_cf.studies.student_disc  # noqa: F401
+import lit_cf.studies.vaeth  # noqa: F401
 from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, run_study, study_registry
 
 __all__ = ["ModelSpec", "Study", "StudyContext", "StudyResult", "register_study", "run_study", "study_registry"]

@@ -34,9 +34,12 @@ COLUMNS = (
     ("l1_mean", "L1"),
     ("l2_mean", "L2"),
     ("fid_domain", "fid_domain"),
+    ("fid_real_domain", "FID real"),
     ("duq_certainty_cf_mean", "DUQ cert"),
     ("ota_oracle", "OTA"),
 )
+#: the columns of the matched part (scored on the queries valid for every link)
+MATCHED = tuple(c for c in COLUMNS[1:] if c[0] != "fid_real_domain")
 #: the small DUQ model of the MNIST ablation (the paper-size one is slow on a CPU)
 SMALL_DUQ = {
     "model.init_args.backbone.init_args.channels": [32, 64, 64],
@@ -125,13 +128,14 @@ class AblateDISC(Study):
       links that preserve features can leave some queries short of the target and their
       realism scores would otherwise average over another set of images than ISO's.
 
-    The feature weight's scale follows the classifier's activations (``feature_distance:
-    mse``); ``relative_mse`` makes the term scale-free (measured choices:
-    docs/results/ablate_disc.md).
+    The defaults are the shipped ``configs/explain/disc.yaml`` (feature weight 1.0, DIP with 32
+    channels, DUQ weight 0.1, four stages of 50 steps, no per-image early stop). The feature
+    weight's scale follows the classifier's activations (``feature_distance: mse``);
+    ``relative_mse`` makes the term scale-free (measured choices: docs/results/ablate_disc.md).
 
     Args:
-        data: ``mnist`` or ``celeba``.
-        root: Data root (``MNIST/`` or ``celeba/`` inside).
+        data: ``mnist``, ``celeba`` or ``rendered`` (lit-cf's rendered digits, generated: no files).
+        root: Data root (``MNIST/`` or ``celeba/`` inside; unused for ``rendered``).
         attribute: CelebA target attribute (e.g. ``Smiling``, ``Young``).
         epochs: Epochs of the classifier and the oracle.
         duq_epochs: Epochs of the DUQ model.
@@ -156,7 +160,7 @@ class AblateDISC(Study):
 
     def __init__(
         self,
-        data: Literal["mnist", "celeba"] = "mnist",
+        data: Literal["mnist", "celeba", "rendered"] = "mnist",
         root: str = "data",
         attribute: str = "Smiling",
         epochs: int = 2,
@@ -166,9 +170,9 @@ class AblateDISC(Study):
         steps: int = 50,
         fit_steps: int = 300,
         chunk_size: int = 64,
-        feature_weight: float = 30.0,
+        feature_weight: float = 1.0,
         feature_distance: Literal["mse", "relative_mse", "cosine"] = "mse",
-        dip_channels: int = 16,
+        dip_channels: int = 32,
         fit_psnr: float = 30.0,
         mc_weight: float = 0.1,
         links: list[str] | None = None,
@@ -188,7 +192,7 @@ class AblateDISC(Study):
             raise UserError(f"ablate_disc: {', '.join(bad)} must be >= 1 (fit_steps >= 0)")
         self.data_overrides = check_data_overrides("ablate_disc", data_overrides)
         folder = Path(root) / ("MNIST" if data == "mnist" else "celeba")
-        if not folder.is_dir():
+        if data != "rendered" and not folder.is_dir():
             raise UserError(
                 f"ablate_disc: no {folder}; copy the data first: "
                 "bash scripts/prepare_data.sh ../shared/data data (then root: data)"
@@ -201,10 +205,10 @@ class AblateDISC(Study):
 
     # ------------------------------------------------------------------ specs
     def data_configs(self) -> tuple[str, ...]:
-        return ("data/mnist.yaml",) if self.data == "mnist" else ("data/celeba.yaml",)
+        return (f"data/{self.data}.yaml",)
 
     def data_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"data.init_args.root": self.root}
+        args: dict[str, Any] = {} if self.data == "rendered" else {"data.init_args.root": self.root}
         if self.data == "celeba":
             args["data.init_args.target_attribute"] = self.attribute
         return {**args, **self.data_overrides}
@@ -217,7 +221,7 @@ class AblateDISC(Study):
             args = {**self.data_args(), **limit, **(extra or {}), "trainer.max_epochs": epochs, "seed_everything": seed}
             return ModelSpec(name, (*self.data_configs(), model), args)
 
-        if self.data == "mnist":
+        if self.data in ("mnist", "rendered"):
             return {
                 "classifier": spec("classifier", "model/cnn.yaml", self.epochs, 0),
                 "duq": spec("duq", "model/duq_cnn.yaml", self.duq_epochs, 0, SMALL_DUQ),
@@ -313,9 +317,14 @@ class AblateDISC(Study):
                     "PSNR": sum(float(r.get("prior_psnr", float("nan"))) for r in manifest) / len(manifest),
                     "s/cf": sum(r["seconds"] for r in manifest) / len(manifest),
                     "matched n": matched["n"],
-                    **{f"matched {col}": m.get(key, float("nan")) for key, col in (*COLUMNS[1:], ("loc", "loc"))},
+                    **{f"matched {col}": m.get(key, float("nan")) for key, col in (*MATCHED, ("loc", "loc"))},
                 }
             )
+        first = next(iter(metrics["runs"].values()))["overall"]
+        for label, key in (("no edit (queries)", "fid_real_domain_no_edit"), ("real floor", "fid_real_domain_floor")):
+            if key in first:  # realism against real images of the target classes: the two reference rows
+                blank = {k: float("nan") for k in rows[0] if k != "link"} if rows else {}
+                rows.append({"link": label, **blank, "FID real": first[key]})
         what = f"{self.data}{', ' + self.attribute if self.data == 'celeba' else ''}"
         notes = [
             f"DISC ablation ({what}; {self.queries} queries, target most_likely_other)",

@@ -70,7 +70,8 @@ class StudentDISC(Study):
         root: Data root holding ``MNIST/``.
         methods: Methods whose counterfactuals train a student, in order.
         queries: Validation images used as queries.
-        targets: ``most_likely_other`` or ``all`` other classes per query.
+        targets: Targets per query: ``most_likely_other``, ``most_likely_others:K`` (the teacher's
+            K most probable other classes) or ``all`` other classes.
         steps: Steps per DISC stage (x4 for the one-stage methods).
         fit_steps: Steps of DISC's prior fit.
         dip_channels: Channels of DISC's deep image prior.
@@ -93,7 +94,7 @@ class StudentDISC(Study):
         root: str = "data",
         methods: list[Method] | None = None,
         queries: int = 256,
-        targets: Literal["most_likely_other", "all"] = "most_likely_other",
+        targets: str = "most_likely_others:3",
         steps: int = 50,
         fit_steps: int = 200,
         dip_channels: int = 16,
@@ -109,6 +110,14 @@ class StudentDISC(Study):
         self.methods: list[str] = list(METHODS) if methods is None else list(methods)
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise UserError(f"student_disc: methods must be distinct names from {list(METHODS)}, at least one")
+        if targets not in ("most_likely_other", "all") and not (
+            targets.startswith("most_likely_others:")
+            and targets.split(":", 1)[1].isdigit()
+            and 1 <= int(targets.split(":", 1)[1]) <= 9
+        ):
+            raise UserError(
+                f"student_disc: targets must be most_likely_other, most_likely_others:K (K in 1..9) or all, got {targets!r}"
+            )
         self.severities = [1, 2, 3, 4, 5] if severities is None else list(severities)
         if not self.severities or any(s not in range(1, 6) for s in self.severities):
             raise UserError(f"student_disc: severities must be integers in 1..5, got {self.severities}")

@@ -44,12 +44,22 @@ def tiny_duq(seed: int = 0) -> DUQClassifier:
 
 
 # ----------------------------------------------------------------------------- priors
-def test_grouped_conv_matches_per_image_conv():
+@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+def test_grouped_conv_matches_per_image_conv(impl):
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(3, 5, 9, 9, generator=g), torch.randn(3, 4, 5, 3, 3, generator=g), torch.randn(3, 4, generator=g)
     for stride in (1, 2):
         ref = torch.cat([torch.nn.functional.conv2d(x[i : i + 1], w[i], b[i], stride=stride, padding=1) for i in range(3)])
-        assert torch.allclose(grouped_conv(x, w, b, stride), ref, atol=1e-5)
+        assert torch.allclose(grouped_conv(x, w, b, stride, impl), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="conv impl"):
+        grouped_conv(x, w, b, 1, "fft")
+
+
+def test_dip_renders_the_same_image_with_either_convolution():
+    x = digits(3, size=16)
+    params = DIPPrior(channels=8).init(x, torch.arange(3))
+    a, b = DIPPrior(channels=8, conv="grouped").render(params), DIPPrior(channels=8, conv="unfold").render(params)
+    assert a.shape == x.shape and torch.allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("prior", ["dip", "inr"])

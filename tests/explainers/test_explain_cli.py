@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from lit_cf.cli import main
+from lit_cf.errors import UserError
 from lit_cf.explainers import ExplainRun
+from lit_cf.explainers.targets import resolve_targets
 from tests.conftest import CONFIGS, ROOT, fit_checkpoint
 
 DATA = [
@@ -97,6 +99,18 @@ def test_several_targets_per_query_and_fixed_class(cnn_ckpt, tmp_path):
         )
     )
     assert {r["target"] for r in ExplainRun(out2).manifest} == {7}
+
+
+def test_most_likely_others_k_takes_the_k_most_probable_other_classes_in_order():
+    probs = torch.tensor([[0.5, 0.1, 0.3, 0.02, 0.08], [0.05, 0.05, 0.1, 0.2, 0.6]])
+    pairs = resolve_targets("most_likely_others:3", probs, torch.zeros(2), [10, 11], num_classes=5)
+    assert pairs == [(0, 2), (0, 1), (0, 4), (1, 3), (1, 2), (1, 0)]  # ties (0.05, 0.05) keep class order
+    assert resolve_targets("most_likely_others:1", probs, torch.zeros(2), [10, 11], 5) == resolve_targets(
+        "most_likely_other", probs, torch.zeros(2), [10, 11], 5
+    )
+    for bad in ("most_likely_others:0", "most_likely_others:5", "most_likely_others:x"):
+        with pytest.raises(UserError, match="K must be an integer from 1 to 4"):
+            resolve_targets(bad, probs, torch.zeros(2), [10, 11], 5)
 
 
 def test_second_run_is_a_no_op_and_overwrite_recomputes(cnn_ckpt, tmp_path, capsys):
@@ -196,6 +210,7 @@ def _expect_error(args: list[str], capsys, match: str, out: Path) -> None:
     [
         (["--target=12"], "out of range"),
         (["--target=bogus"], "unknown target rule"),
+        (["--target=most_likely_others:10"], "K must be an integer from 1 to 9"),
         (["--source_class=3", "--target=3"], "already predicted as their target"),
         (["--indices=[]"], "selection is empty"),
         (["--indices=[5000]"], "out of range"),

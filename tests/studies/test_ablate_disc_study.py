@@ -117,8 +117,9 @@ def test_tiny_ablation_two_links(tmp_path):
         "data_overrides": {"data.init_args.val_size": 8, "data.init_args.batch_size": 16},
     }
     result = run_study({"study": "ablate_disc", "output_dir": str(tmp_path / "out"), "settings": settings}, quiet=True)
-    assert [r["link"] for r in result.rows] == ["iso", "iso+fp"]
-    for r in result.rows:
+    assert [r["link"] for r in result.rows] == ["iso", "iso+fp", "no edit (queries)", "real floor"]
+    assert all(r["FID real"] >= 0 for r in result.rows)  # realism against real images, with its two reference rows
+    for r in result.rows[:2]:
         assert 0 <= r["validity"] <= 1 and 0 <= r["loc"] <= 1 and r["s/cf"] > 0 and r["PSNR"] == 100.0  # pixels: 100 dB
         assert r["matched n"] <= 2 and set(r) >= {"matched L1", "matched loc", "matched OTA"}
     assert result.report is not None and result.report.is_file()

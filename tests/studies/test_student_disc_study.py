@@ -17,6 +17,7 @@ from tests.studies.test_ablate_disc_study import run_cli_expecting_error
         ({"methods": ["disc", "disc"]}, "distinct"),
         ({"severities": [0, 6]}, "severities"),
         ({"targets": "label"}, "targets"),
+        ({"targets": "most_likely_others:0"}, "most_likely_others:K (K in 1..9)"),
         ({"student_epochs": 0}, "student_epochs"),
         ({"root": "/nonexistent"}, "no MNIST folder"),
     ],

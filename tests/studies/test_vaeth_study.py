@@ -1,0 +1,109 @@
+"""The vaeth study: settings validation, the findings and goal rules, and a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lit_cf.studies.vaeth import GUIDES, METHODS, Vaeth, findings, goal
+from tests.fixtures import write_idx_dataset
+from tests.studies.test_ablate_disc_study import run_cli_expecting_error
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"guides": ["standard", "imagenet"]}, "guides"),
+        ({"guides": []}, "guides"),
+        ({"methods": ["dvce", "dime"]}, "methods"),
+        ({"method_args": {"dime": {}}}, "unknown methods"),
+        ({"tau": 1.5}, "tau"),
+        ({"queries": 0}, "queries"),
+        ({"cones": []}, "cones"),
+        ({"diffusion": "/nonexistent/ddpm.ckpt"}, "diffusion checkpoint not found"),
+        ({"root": "/nonexistent"}, "no MNIST folder"),
+        ({"data_overrides": {"trainer.max_epochs": 1}}, "data_overrides"),
+    ],
+)
+def test_bad_settings_are_one_line_and_write_nothing(tmp_path, capsys, settings, message):
+    root = write_idx_dataset(tmp_path / "data", n_train=8, n_test=8)
+    line = run_cli_expecting_error(tmp_path, capsys, "vaeth", {"root": str(root), **settings})
+    assert message in line
+
+
+def grid_row(validity, ota_wide, ota_cnn):
+    return {"validity": validity, "OTA wide": ota_wide, "OTA cnn": ota_cnn}
+
+
+def test_findings_read_the_grid():
+    grid = {
+        ("standard", True, True): grid_row(0.96, 0.8, 0.7),
+        ("standard", False, True): grid_row(0.98, 0.3, 0.2),  # cone off: OTA drops, validity +0.02
+        ("standard", False, False): grid_row(0.50, 0.2, 0.2),  # x0-prediction off: validity drops
+        ("duq", True, True): grid_row(0.90, 0.5, 0.5),
+        ("duq", False, True): grid_row(0.70, 0.4, 0.4),  # validity moves by 0.2: does not hold
+        ("random", True, True): grid_row(0.3, 0.05, 0.10),  # OTA 0.075 < chance 0.1
+    }
+    found = {f["finding"]: f for f in findings(grid, tolerance=0.05, chance=0.1)}
+    assert found["cone off, standard: OTA drops, validity barely moves"]["holds"] is True
+    assert "OTA 0.750 -> 0.250" in found["cone off, standard: OTA drops, validity barely moves"]["numbers"]
+    assert found["x0-prediction off, standard: validity drops"]["holds"] is True
+    assert found["cone off, duq: OTA drops, validity barely moves"]["holds"] is False
+    assert "x0-prediction off, duq: validity drops" not in found  # its run is missing: skipped
+    assert found["random guide with the cone: OTA above chance (robust semantics leak in)"]["holds"] is False
+    assert len(found) == 4
+
+
+def test_goal_takes_the_diffusion_method_with_the_best_ota():
+    rows = {
+        "disc": {**grid_row(1.0, 0.9, 0.9), "FID real": 130.0, "s/cf": 6.0},
+        "dvce": {**grid_row(0.97, 0.95, 0.92), "FID real": 120.0, "s/cf": 2.0},
+        "ace": {**grid_row(1.0, 0.4, 0.4), "FID real": 100.0, "s/cf": 1.0},
+    }
+    reached = goal(rows, no_edit_fid=140.0)
+    assert reached is not None and reached["method"] == "dvce" and reached["reached"] is True
+    assert goal(rows, no_edit_fid=110.0)["checks"]["FID real below no edit"] is False  # type: ignore[index]
+    assert goal({"disc": rows["disc"]}, 140.0) is None
+
+
+@pytest.mark.slow  # about a minute on two busy cores: eight tiny fits, four DVCE runs, two evaluations
+def test_tiny_study_two_guides_with_and_without_the_cone(tmp_path):
+    from lit_cf.studies import run_study
+
+    root = write_idx_dataset(tmp_path / "data", n_train=64, n_test=64)
+    settings = {
+        "root": str(root),
+        "queries": 2,
+        "epochs": 1,
+        "duq_epochs": 1,
+        "ddpm_config": "model/ddpm_tiny.yaml",
+        "ddpm_epochs": 1,
+        "guides": ["standard", "random"],
+        "x0_predictions": [True],
+        "num_steps": 2,
+        "methods": ["pixel", "dvce", "fastdime"],
+        "method_args": {
+            "pixel": {"model.init_args.steps": 2},
+            "fastdime": {"model.init_args.num_steps": 2, "model.init_args.tau": 0.3},
+        },
+        "chunk_size": 2,
+        "data_overrides": {"data.init_args.val_size": 8, "data.init_args.batch_size": 16},
+    }
+    result = run_study({"study": "vaeth", "output_dir": str(tmp_path / "out"), "settings": settings}, quiet=True)
+    runs = [r["run"] for r in result.rows]
+    assert runs[:4] == [
+        "DVCE standard, cone off, x0-prediction on",
+        "DVCE standard, cone on, x0-prediction on",
+        "DVCE random, cone off, x0-prediction on",
+        "DVCE random, cone on, x0-prediction on",
+    ]
+    assert runs[4:] == ["pixel", "dvce", "fastdime", "no edit (queries)", "real floor"]
+    for r in result.rows[:7]:
+        assert 0 <= r["validity"] <= 1 and 0 <= r["OTA wide"] <= 1 and r["s/cf"] > 0 and r["FID real"] >= 0
+    targets = json.loads((tmp_path / "out" / "targets.json").read_text())
+    assert len(targets) == 2
+    names = {f["finding"] for f in result.verdict["findings"]}  # type: ignore[index]
+    assert "cone off, standard: OTA drops, validity barely moves" in names
+    assert result.verdict["goal"]["method"] in ("dvce", "fastdime")  # type: ignore[index]
+    assert set(GUIDES) >= {"standard", "random"} and "ace" in METHODS and Vaeth.name == "vaeth"
