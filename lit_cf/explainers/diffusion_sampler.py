@@ -161,7 +161,8 @@ def guided_sample(
         sampler: ``ddpm`` or ``ddim``.
         grad_through_denoiser: Let the callback differentiate through the denoiser
             (``x_t`` requires grad and ``eps``/``x0_hat`` keep their graph).
-        clip_denoised: Clip x0-hat to ``[-1, 1]`` for the step (the callback sees it unclipped).
+        clip_denoised: Clip x0-hat to ``[-c, c]`` for the step, ``c = model.clip_value`` (1: the
+            image range; a latent DDPM's code range), the callback sees it unclipped.
         num_stages: x0-hat snapshots to keep (:func:`stage_indices`); 0: none.
 
     Returns:
@@ -171,6 +172,7 @@ def guided_sample(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
     ac = model.alphas_cumprod
+    clip = float(getattr(model, "clip_value", 1.0))
     prev = previous_timesteps(timesteps)
     keep = set(stage_indices(len(timesteps), num_stages))
     stages: list[Tensor] = []
@@ -185,7 +187,7 @@ def guided_sample(
             x0_hat = x0_from_eps(x_in, eps, t, ac)
         x_det = x_in.detach()
         with torch.no_grad():
-            x0_step = x0_hat.detach().clamp(-1, 1) if clip_denoised else x0_hat.detach()
+            x0_step = x0_hat.detach().clamp(-clip, clip) if clip_denoised else x0_hat.detach()
             mean, var = ddpm_posterior(x_det, x0_step, t, t_prev, ac)
         shift = None
         if guidance is not None:
@@ -212,13 +214,13 @@ def guided_sample(
                 if shift is not None:
                     eps = eps - (1 - a_t).sqrt() * shift
                     x0_step = x0_from_eps(x_det, eps, t, ac)
-                    x0_step = x0_step.clamp(-1, 1) if clip_denoised else x0_step
+                    x0_step = x0_step.clamp(-clip, clip) if clip_denoised else x0_step
                 if clip_denoised:  # the noise estimate consistent with the clipped x0-hat
                     eps = (x_det - a_t.sqrt() * x0_step) / (1 - a_t).sqrt()
                 x_t = ddim_step(x_det, x0_step, eps, t, t_prev, ac)
             x0_keep = x0_step
             if k in keep:
-                stages.append((x_t if k == len(timesteps) - 1 else x0_keep).detach().clamp(-1, 1))
+                stages.append((x_t if k == len(timesteps) - 1 else x0_keep).detach().clamp(-clip, clip))
     return x_t.detach(), (torch.stack(stages, 1) if stages else None)
 
 

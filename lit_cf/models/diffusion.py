@@ -173,6 +173,8 @@ class DiffusionModel(L.LightningModule):
     """
 
     alphas_cumprod: Tensor  # buffer, registered in __init__
+    #: clean estimates are clipped to [-clip_value, clip_value] (images: [-1, 1] in denoiser space)
+    clip_value: float = 1.0
 
     def __init__(
         self,
@@ -394,14 +396,15 @@ class DiffusionModel(L.LightningModule):
         """Unguided reverse chain from ``x_t`` (at ``timesteps[0]``) to a clean image in denoiser space.
 
         DDIM (eta = 0) without ``noise_fn``; stochastic DDPM steps drawing ``noise_fn(k)`` at
-        step ``k`` otherwise. The clean estimate is clipped to ``[-1, 1]`` at each step.
+        step ``k`` otherwise. The clean estimate is clipped to ``[-clip_value, clip_value]`` at
+        each step (the image range ``[-1, 1]``; a latent DDPM's code range).
         """
         prev = previous_timesteps(timesteps)
         for k, (t, tp) in enumerate(zip(timesteps.tolist(), prev.tolist())):
             tt = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
             tp_ = torch.full_like(tt, tp)
             eps = self.eps(x_t, tt)
-            x0 = x0_from_eps(x_t, eps, tt, self.alphas_cumprod).clamp(-1, 1)
+            x0 = x0_from_eps(x_t, eps, tt, self.alphas_cumprod).clamp(-self.clip_value, self.clip_value)
             if noise_fn is None:
                 eps = (x_t - _alpha_bar(self.alphas_cumprod, tt, x_t.dim()).sqrt() * x0) / (
                     1 - _alpha_bar(self.alphas_cumprod, tt, x_t.dim())

@@ -15,8 +15,12 @@ Choices:
 
 * **Code scaling.** Codes are standardised per dimension with the mean and standard deviation
   of the first ``stats_images`` training images (computed once when fitting starts, stored as
-  buffers in the checkpoint) and divided by ``code_scale`` (default 3), so that nearly all
-  values lie in ``[-1, 1]``: the samplers clip clean estimates to that range, as for images.
+  buffers in the checkpoint), i.e. to unit variance as latent diffusion models scale their
+  latents, and divided by ``code_scale`` (default 1). The samplers clip clean estimates to
+  ``[-clip, clip]`` (``clip``, default 4 standard deviations) instead of the image range
+  ``[-1, 1]``. (Scaling the codes into ``[-1, 1]`` instead, by 3 standard deviations, measured a
+  round trip at tau 0.5 of 0.19 on MNIST: the signal was nine times weaker against the same
+  noise schedule.)
 * **Codes as ``[B, D, 1, 1]``.** The model shape is ``(latent_dim, 1, 1)``, so the samplers'
   per-image broadcasting and noise streams work as for images. Methods whose edits are spatial
   (FastDiME's mask, ACE's RePaint refinement) refuse a latent DDPM; DVCE accepts it.
@@ -93,7 +97,8 @@ class LatentDiffusionModel(DiffusionModel):
             with ``hidden`` and ``blocks``.
         hidden: Width of the default denoiser.
         blocks: Residual blocks of the default denoiser.
-        code_scale: Standardised codes are divided by this (3: about all values in ``[-1, 1]``).
+        code_scale: Standardised codes are divided by this (1: unit variance).
+        clip: Clean estimates are clipped to ``[-clip, clip]`` in code space.
         stats_images: Training images used for the code statistics.
         image_shape: ``(C, H, W)`` of the images (the classifier's and the autoencoder's input).
         **kwargs: The remaining :class:`DiffusionModel` arguments (schedule, EMA, optimiser,
@@ -110,15 +115,16 @@ class LatentDiffusionModel(DiffusionModel):
         denoiser: nn.Module | None = None,
         hidden: int = 256,
         blocks: int = 3,
-        code_scale: float = 3.0,
+        code_scale: float = 1.0,
+        clip: float = 4.0,
         stats_images: int = 2048,
         image_shape: Sequence[int] = (1, 28, 28),
         **kwargs: Any,
     ) -> None:
         if not isinstance(autoencoder, AutoEncoder):
             raise ValueError(f"autoencoder must be a lit-cf AutoEncoder or VAE, got {type(autoencoder).__name__}")
-        if code_scale <= 0 or stats_images < 2:
-            raise ValueError("code_scale must be > 0 and stats_images >= 2")
+        if code_scale <= 0 or clip <= 0 or stats_images < 2:
+            raise ValueError("code_scale and clip must be > 0 and stats_images >= 2")
         dim = int(autoencoder.latent_dim)
         kwargs.pop("model_size", None)
         kwargs.pop("resize", None)
@@ -135,6 +141,7 @@ class LatentDiffusionModel(DiffusionModel):
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         self.autoencoder_weights = autoencoder_weights
         self.code_scale, self.stats_images, self.latent_dim = float(code_scale), int(stats_images), dim
+        self.clip_value = float(clip)
         # standardisation of the codes, computed when fitting starts; saved with the weights
         self.register_buffer("latent_mean", torch.zeros(dim))
         self.register_buffer("latent_std", torch.zeros(dim))

@@ -75,7 +75,8 @@ def test_code_space_is_standardised_and_decodes_to_images():
     model.latent_std.copy_(z.std(0))
     codes = model.to_model(x)
     assert codes.shape == (16, 8, 1, 1) and model.model_shape == (8, 1, 1)
-    torch.testing.assert_close(codes.flatten(1).std(0), torch.full((8,), 1 / 3), atol=1e-4, rtol=1e-4)  # code_scale 3
+    torch.testing.assert_close(codes.flatten(1).std(0), torch.ones(8), atol=1e-4, rtol=1e-4)  # unit variance
+    assert model.clip_value == 4.0
     torch.testing.assert_close(model.to_image(codes), model.autoencoder.decode(z), atol=1e-5, rtol=1e-5)
 
 
