@@ -87,7 +87,7 @@ def grouped_conv(x: Tensor, w: Tensor, b: Tensor, stride: int = 1, impl: str = "
 
     ``impl="grouped"``: one grouped convolution (``groups=B``) on every device. ``"unfold"``: an
     im2col product (``unfold`` and one ``baddbmm``), the earlier CPU path, kept for comparison:
-    with torch 2.14 on 2 CPU cores the grouped convolution measured 1.7-2.6x faster (forward +
+    with torch 2.14 on 2 CPU cores the grouped convolution measured 1.7-3.2x faster (forward +
     backward, B = 1-128, 8-36 -> 32 channels at 14-28 px; ``scripts/bench_disc.py`` prints both).
     """
     n, cin, h, wd = x.shape
