@@ -91,8 +91,8 @@ class LatentDiffusionModel(DiffusionModel):
         autoencoder: The autoencoder's architecture (a lit-cf ``AutoEncoder`` or ``VAE``; in a
             config its class_path and init_args, as ``configs/model/autoencoder.yaml`` has them).
         autoencoder_weights: ``lit-cf fit`` checkpoint of that autoencoder, loaded (weights only,
-            architecture checked) when fitting starts. ``None`` keeps the weights the model has
-            (those of a loaded latent DDPM checkpoint).
+            architecture checked) when fitting starts; required to fit. A loaded latent DDPM
+            checkpoint carries the weights itself.
         denoiser: Noise predictor for ``[B, D, 1, 1]`` codes; ``None``: :class:`LatentDenoiser`
             with ``hidden`` and ``blocks``.
         hidden: Width of the default denoiser.
@@ -175,27 +175,28 @@ class LatentDiffusionModel(DiffusionModel):
     # ----------------------------------------------------------------- fit
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit" and not self.autoencoder_weights:
+        if stage != "fit":
+            return
+        if not self.autoencoder_weights:
             raise UserError(
                 "LatentDiffusionModel needs the trained autoencoder to fit: pass --model.init_args.autoencoder_weights="
                 "<.ckpt from lit-cf fit --config configs/model/autoencoder.yaml>"
             )
-        if stage == "fit" and self.autoencoder_weights:
-            from lit_cf.utils.checkpoint import load_module
+        from lit_cf.utils.checkpoint import load_module
 
-            trained = load_module(self.autoencoder_weights, AutoEncoder)
-            if type(trained) is not type(self.autoencoder):
-                raise UserError(
-                    f"autoencoder_weights {self.autoencoder_weights} holds a {type(trained).__name__}, the config's "
-                    f"autoencoder is a {type(self.autoencoder).__name__}: use the same class"
-                )
-            try:
-                self.autoencoder.load_state_dict(trained.state_dict())
-            except RuntimeError as err:
-                raise UserError(
-                    f"autoencoder_weights {self.autoencoder_weights} do not match the config's autoencoder architecture "
-                    f"(use that checkpoint's model config): {str(err).splitlines()[0]}"
-                ) from None
+        trained = load_module(self.autoencoder_weights, AutoEncoder)
+        if type(trained) is not type(self.autoencoder):
+            raise UserError(
+                f"autoencoder_weights {self.autoencoder_weights} holds a {type(trained).__name__}, the config's "
+                f"autoencoder is a {type(self.autoencoder).__name__}: use the same class"
+            )
+        try:
+            self.autoencoder.load_state_dict(trained.state_dict())
+        except RuntimeError as err:
+            raise UserError(
+                f"autoencoder_weights {self.autoencoder_weights} do not match the config's autoencoder architecture "
+                f"(use that checkpoint's model config): {str(err).splitlines()[0]}"
+            ) from None
 
     def on_fit_start(self) -> None:
         if bool((self.latent_std > 0).all()):

@@ -110,11 +110,7 @@ class StudentDISC(Study):
         self.methods: list[str] = list(METHODS) if methods is None else list(methods)
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise UserError(f"student_disc: methods must be distinct names from {list(METHODS)}, at least one")
-        if targets not in ("most_likely_other", "all") and not (
-            targets.startswith("most_likely_others:")
-            and targets.split(":", 1)[1].isdigit()
-            and 1 <= int(targets.split(":", 1)[1]) <= 9
-        ):
+        if targets not in ("most_likely_other", "all", *(f"most_likely_others:{k}" for k in range(1, 10))):
             raise UserError(
                 f"student_disc: targets must be most_likely_other, most_likely_others:K (K in 1..9) or all, got {targets!r}"
             )

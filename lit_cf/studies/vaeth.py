@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 
 from lit_cf.errors import UserError
 from lit_cf.studies.ablate_disc import SMALL_DUQ, check_data_overrides, init_args
-from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study
+from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, require_positive
 
 __all__ = ["DIFFUSION_METHODS", "GUIDES", "METHODS", "Vaeth", "findings", "goal"]
 
@@ -209,11 +209,6 @@ class Vaeth(Study):
             problems.append(f"methods must be distinct names from {list(METHODS)}, got {self.methods}")
         if any(m not in METHODS for m in self.method_args):
             problems.append(f"method_args names unknown methods {sorted(set(self.method_args) - set(METHODS))}")
-        counts = {"queries": queries, "epochs": epochs, "duq_epochs": duq_epochs, "ae_epochs": ae_epochs}
-        counts.update(ddpm_epochs=ddpm_epochs, num_steps=num_steps, chunk_size=chunk_size)
-        problems += [f"{k} must be >= 1" for k, v in counts.items() if v < 1]
-        if train_limit is not None and train_limit < 1:
-            problems.append("train_limit must be >= 1")
         if not 0 < tau <= 1:
             problems.append(f"tau must be in (0, 1], got {tau}")
         if diffusion is not None and not Path(diffusion).is_file():
@@ -223,6 +218,16 @@ class Vaeth(Study):
             )
         if problems:
             raise UserError("vaeth: " + "; ".join(problems))
+        require_positive(
+            queries=queries,
+            epochs=epochs,
+            duq_epochs=duq_epochs,
+            ae_epochs=ae_epochs,
+            ddpm_epochs=ddpm_epochs,
+            num_steps=num_steps,
+            chunk_size=chunk_size,
+            train_limit=train_limit,
+        )
         self.data_overrides = check_data_overrides("vaeth", data_overrides)
         if not (Path(root) / "MNIST").is_dir():
             raise UserError(f"vaeth: no MNIST folder under {root}; run: bash scripts/prepare_data.sh ../shared/data {root}")
@@ -279,6 +284,7 @@ class Vaeth(Study):
         import torch
 
         from lit_cf.data import MNISTDataModule
+        from lit_cf.explainers.targets import resolve_targets
         from lit_cf.models.base import ImageClassifier
         from lit_cf.utils.checkpoint import load_module
 
@@ -294,12 +300,10 @@ class Vaeth(Study):
             with torch.no_grad():
                 probs = model.probabilities(images).float()
             pred = probs.argmax(-1)
-            probs[torch.arange(len(pred)), pred] = -1.0
-            other = probs.argmax(-1)
-            for j, i in enumerate(batch):
+            for j, other in resolve_targets("most_likely_other", probs, labels, list(batch), probs.shape[-1]):
                 if pred[j] == labels[j] and len(indices) < self.queries:
-                    indices.append(i)
-                    targets[str(i)] = int(other[j])
+                    indices.append(batch[j])
+                    targets[str(batch[j])] = other
             start += 512
         if not indices:
             raise UserError("vaeth: the standard CNN classifies no test image correctly; train it longer (epochs)")
@@ -346,6 +350,8 @@ class Vaeth(Study):
 
     # ------------------------------------------------------------------ run
     def run(self, ctx: StudyContext) -> StudyResult:
+        from lit_cf.runs import atomic_write_text
+
         ckpt = {name: ctx.fit(spec) for name, spec in self.model_specs().items()}
         ckpt["ddpm"] = self.ddpm(ctx, ckpt["standard"])
         chosen = ctx.cached(
@@ -355,9 +361,7 @@ class Vaeth(Study):
         )
         target_file = ctx.out / "targets.json"
         if not target_file.exists() or json.loads(target_file.read_text()) != chosen["targets"]:
-            tmp = target_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(chosen["targets"], sort_keys=True))
-            tmp.replace(target_file)
+            atomic_write_text(target_file, json.dumps(chosen["targets"], sort_keys=True))
         common = self.common(chosen, target_file)
         data = ("data/mnist.yaml",)
         eval_args = {
@@ -392,7 +396,7 @@ class Vaeth(Study):
 
         # the methods table
         method_rows: dict[str, dict[str, Any]] = {}
-        no_edit = floor = None
+        metrics: dict[str, Any] = {}
         if self.methods:
             runs = {}
             for method in self.methods:
@@ -406,11 +410,9 @@ class Vaeth(Study):
                     "run": method,
                     **{col: overall.get(k, float("nan")) for k, col in COLUMNS},
                 }
-            first = next(iter(metrics["runs"].values()))["overall"]
-            no_edit, floor = first.get("fid_real_domain_no_edit"), first.get("fid_real_domain_floor")
-        else:
-            first = next(iter(grid_metrics["runs"].values()))["overall"]
-            no_edit, floor = first.get("fid_real_domain_no_edit"), first.get("fid_real_domain_floor")
+        # the no-edit and floor rows (the same queries and reference sample in both evaluations)
+        first = next(iter((metrics if self.methods else grid_metrics)["runs"].values()))["overall"]
+        no_edit, floor = first.get("fid_real_domain_no_edit"), first.get("fid_real_domain_floor")
 
         rows = [*grid_rows.values(), *method_rows.values()]
         blank = {col: float("nan") for _, col in COLUMNS}
