@@ -14,14 +14,18 @@ class, also in the names of the diagnostics), the study
    generator see auxiliary data in which the mark is on for ``aux_mark_rate`` of the images, so
    both can read / draw it;
 2. explains non-7 clean test digits towards 7 with every method of ``methods`` (pixel,
-   latent_attack and disc by default), for both classifiers;
+   latent_attack and disc by default; the diffusion methods dvce, fastdime and ace on request),
+   for both classifiers; the diffusion methods use a DDPM (``diffusion_config``) trained on the
+   generator's auxiliary data, so it can draw the mark on any digit, or a given ``diffusion``
+   checkpoint;
 3. ranks the known factors by their global attribution score, the mean over successful
    counterfactuals of ``P_j(after) - P_j(before)`` (:func:`lit_cf.attribution.attribute_run`, 95%
    bootstrap intervals), per method, classifier and source, and gives a verdict per method
    (:func:`verdict`): PASS when ``mark`` ranks first with a positive score for the shortcut
    classifier and does not rank first for the clean one. The study passes when every method
    passes on its verdict source: ``image`` for pixel, ``disc_source`` (``recon``) for DISC,
-   ``latent_source`` (``recon``) for LatentAttack; the other sources are informative.
+   ``latent_source`` (``recon``) for LatentAttack, ``image`` for the diffusion methods (they
+   start from the query itself); the other sources are informative.
 
 Attribution sources (the ``source`` column):
 
@@ -52,10 +56,20 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from lit_cf.errors import UserError
-from lit_cf.studies.core import CONFIG_ROOT, ModelSpec, Study, StudyContext, StudyResult, register_study, require_positive
+from lit_cf.studies.core import (
+    CONFIG_ROOT,
+    ModelSpec,
+    Study,
+    StudyContext,
+    StudyResult,
+    register_study,
+    require_positive,
+    resolve_config,
+)
 
 __all__ = [
     "CLASSIFIERS",
+    "DIFFUSION_METHODS",
     "KNOWN_METHODS",
     "SHORTCUT",
     "GroundTruthStudy",
@@ -68,7 +82,9 @@ __all__ = [
     "verdict",
 ]
 
-KNOWN_METHODS = ("pixel", "latent_attack", "disc")
+KNOWN_METHODS = ("pixel", "latent_attack", "disc", "dvce", "fastdime", "ace")
+DIFFUSION_METHODS = ("dvce", "fastdime", "ace")
+DEFAULT_METHODS = ("pixel", "latent_attack", "disc")
 CLASSIFIERS = ("shortcut", "clean")
 SHORTCUT = "mark"
 SOURCES = ("image", "recon", "latent")
@@ -366,7 +382,7 @@ class GroundTruthStudy(Study):
         ae_epochs: Epochs of the generator (default: epochs).
         regressor_epochs: Epochs of the factor regressor (default: epochs).
         num_queries: Non-7 test digits explained per method and classifier.
-        methods: Methods among pixel, latent_attack, disc.
+        methods: Methods among pixel, latent_attack, disc, dvce, fastdime, ace.
         seed: Seed of every model, explain run and bootstrap.
         shortcut_class: The class that carries the mark in the shortcut training data, and the target.
         aux_mark_rate: Mark rate of the regressor's and the generator's training data.
@@ -387,6 +403,12 @@ class GroundTruthStudy(Study):
         disc_args: Extra explain arguments for DISC (dotted keys), added after the study's own
             (duq null, mc_weight 0, prior inr, steps 50, fit_steps 200, l2_weight 1.0), e.g.
             ``{model.init_args.prior: dip}``.
+        diffusion: A DDPM checkpoint of 28x28 rendered digits for dvce / fastdime / ace (default:
+            train ``diffusion_config`` on the auxiliary data, mark at ``aux_mark_rate``).
+        diffusion_config: The DDPM model config the study trains when ``diffusion`` is not given.
+        diffusion_epochs: Epochs of that DDPM (default: epochs).
+        diffusion_args: Extra explain arguments of the diffusion methods (dotted keys), per method
+            name, e.g. ``{dvce: {model.init_args.num_steps: 50}}``.
         n_boot: Bootstrap resamples of the intervals.
         accelerator: Trainer accelerator of every step.
         threads: Torch intra-op CPU threads (default: torch's choice; on a busy machine 1 is often fastest).
@@ -402,7 +424,7 @@ class GroundTruthStudy(Study):
         ae_epochs: int | None = None,
         regressor_epochs: int | None = None,
         num_queries: int = 200,
-        methods: tuple[str, ...] = KNOWN_METHODS,
+        methods: tuple[str, ...] = DEFAULT_METHODS,
         seed: int = 0,
         shortcut_class: int = 7,
         aux_mark_rate: float = 0.5,
@@ -421,12 +443,17 @@ class GroundTruthStudy(Study):
         generator: Literal["autoencoder", "vae"] = "autoencoder",
         ae_output: str | None = None,
         disc_args: dict[str, Any] | None = None,
+        diffusion: str | None = None,
+        diffusion_config: str = "model/ddpm_mnist.yaml",
+        diffusion_epochs: int | None = None,
+        diffusion_args: dict[str, dict[str, Any]] | None = None,
         n_boot: int = 1000,
         accelerator: str = "auto",
         threads: int | None = None,
     ) -> None:
         require_positive(train_size=train_size, test_size=test_size, epochs=epochs, num_queries=num_queries)
-        for key, opt in (("ae_epochs", ae_epochs), ("regressor_epochs", regressor_epochs), ("threads", threads)):
+        optional = (("ae_epochs", ae_epochs), ("regressor_epochs", regressor_epochs), ("diffusion_epochs", diffusion_epochs))
+        for key, opt in (*optional, ("threads", threads)):
             if opt is not None and opt < 1:
                 raise UserError(f"{key} must be >= 1 (or null), got {opt}")
         if not 0 <= shortcut_class <= 9:
@@ -462,6 +489,21 @@ class GroundTruthStudy(Study):
         self.latent_source, self.disc_source = latent_source, disc_source
         self.generator, self.ae_output = generator, ae_output
         self.disc_args = dict(disc_args or {})
+        self.diffusion_args = {str(m): dict(v or {}) for m, v in (diffusion_args or {}).items()}
+        unknown = sorted(set(self.diffusion_args) - set(DIFFUSION_METHODS))
+        if unknown:
+            raise UserError(f"diffusion_args has keys {unknown}; use the method names {list(DIFFUSION_METHODS)}")
+        self.diffusion, self.diffusion_config, self.diffusion_epochs = None, diffusion_config, diffusion_epochs
+        if any(m in DIFFUSION_METHODS for m in self.methods):
+            if diffusion is not None:
+                self.diffusion = Path(diffusion).expanduser().resolve()
+                if not self.diffusion.is_file():
+                    raise UserError(f"diffusion: no DDPM checkpoint at {self.diffusion}; train one or leave it null")
+            else:
+                try:
+                    resolve_config(diffusion_config)
+                except UserError as err:
+                    raise UserError(f"diffusion_config: {err}") from None
         self.n_boot, self.accelerator, self.threads = n_boot, accelerator, threads
 
     # ------------------------------------------------------------------ models
@@ -496,6 +538,12 @@ class GroundTruthStudy(Study):
                 ("data/rendered.yaml", f"model/{self.generator}.yaml"),
                 {**sizes, **aux, **gen, "trainer.max_epochs": self.ae_epochs or self.epochs},
             )
+        if self.diffusion is None and any(m in DIFFUSION_METHODS for m in self.methods):
+            specs["diffusion"] = ModelSpec(
+                "diffusion",
+                ("data/rendered.yaml", self.diffusion_config),
+                {**sizes, **aux, "trainer.max_epochs": self.diffusion_epochs or self.epochs},
+            )
         return specs
 
     def method_args(self, method: str, ckpt: Mapping[str, Path]) -> dict[str, Any]:
@@ -507,6 +555,8 @@ class GroundTruthStudy(Study):
                 "model.init_args.generator": ckpt["autoencoder"],
                 **{f"model.init_args.{k}": v for k, v in self.latent.items()},
             }
+        if method in DIFFUSION_METHODS:
+            return {"model.init_args.diffusion": ckpt["diffusion"], **self.diffusion_args.get(method, {})}
         # our classifiers are plain CNNs: DISC's manifold-consistency term (a DUQ model) is off
         # unless disc_args switches it on (later keys override earlier ones)
         base = {
@@ -530,6 +580,8 @@ class GroundTruthStudy(Study):
         specs = self.model_specs()
         ckpt = {name: ctx.fit(spec) for name, spec in specs.items()}
         keys = {name: spec.key() for name, spec in specs.items()}
+        if self.diffusion is not None:
+            ckpt["diffusion"] = self.diffusion
         loaded: dict[str, Any] = {}
 
         def regressor() -> Any:

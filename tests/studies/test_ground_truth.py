@@ -71,6 +71,10 @@ def test_defaults_are_the_full_scale_and_methods_are_normalised():
         (["--settings.latent_pixel_weight", "-1"], "latent_pixel_weight must be >= 0"),
         (["--settings.latent_source", "pixels"], "settings.latent_source"),
         (["--settings.methods", "[diffusion]"], "unknown method 'diffusion'"),
+        (["--settings.methods", "[dvce]", "--settings.diffusion", "nowhere.ckpt"], "diffusion: no DDPM checkpoint at"),
+        (["--settings.methods", "[ace]", "--settings.diffusion_config", "model/none.yaml"], "diffusion_config: study config"),
+        (["--settings.diffusion_args", "{dime: {}}"], "diffusion_args has keys ['dime']"),
+        (["--settings.diffusion_epochs", "0"], "diffusion_epochs must be >= 1"),
         (["--settings.num_queries", "0"], "num_queries must be >= 1"),
         (["--settings.epoch", "3"], "unrecognized arguments: --settings.epoch"),
     ],
@@ -93,3 +97,44 @@ def test_too_few_queries_fail_before_training_and_leave_nothing(tmp_path, capsys
     assert err.value.code == 2
     assert "raise test_size or lower num_queries" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_diffusion_methods_train_a_ddpm_on_the_auxiliary_data_or_reuse_one(tmp_path):
+    study = GroundTruthStudy(
+        methods=("pixel", "dvce", "ace"), diffusion_epochs=2, diffusion_args={"dvce": {"model.init_args.num_steps": 10}}
+    )
+    specs = study.model_specs()
+    assert sorted(specs) == ["clean", "diffusion", "regressor", "shortcut"]
+    ddpm = specs["diffusion"]
+    assert ddpm.configs == ("data/rendered.yaml", "model/ddpm_mnist.yaml")
+    assert ddpm.args["data.init_args.mark_rate"] == 0.5 and ddpm.args["trainer.max_epochs"] == 2
+    ckpt = {"diffusion": tmp_path / "ddpm.ckpt"}
+    assert study.method_args("dvce", ckpt) == {"model.init_args.diffusion": ckpt["diffusion"], "model.init_args.num_steps": 10}
+    assert study.method_args("ace", ckpt) == {"model.init_args.diffusion": ckpt["diffusion"]}
+    given = tmp_path / "given.ckpt"
+    given.write_bytes(b"x")
+    reuse = GroundTruthStudy(methods=("fastdime",), diffusion=str(given))
+    assert "diffusion" not in reuse.model_specs() and reuse.diffusion == given.resolve()
+    assert "diffusion" not in GroundTruthStudy().model_specs()  # no diffusion method: no DDPM
+
+
+@pytest.mark.slow  # about a minute on two busy cores: five tiny fits, two DVCE runs, attribution
+def test_tiny_study_with_dvce_ranks_factors_on_the_query_image(tmp_path):
+    from lit_cf.studies import run_study
+
+    settings = {
+        "train_size": 256,
+        "test_size": 64,
+        "epochs": 1,
+        "num_queries": 4,
+        "methods": ["dvce"],
+        "diffusion_config": "model/ddpm_tiny.yaml",
+        "diffusion_args": {"dvce": {"model.init_args.num_steps": 4}},
+        "n_boot": 20,
+    }
+    result = run_study({"study": "ground_truth", "output_dir": str(tmp_path / "out"), "settings": settings}, quiet=True)
+    rows = [r for r in result.rows if r["method"] == "dvce"]
+    assert {r["source"] for r in rows} == {"image"} and {r["classifier"] for r in rows} == {"shortcut", "clean"}
+    assert all(r["n"] == 4 for r in rows)
+    assert result.verdict["methods"]["dvce"]["primary_source"] == "image"  # type: ignore[index]
+    assert len(list((tmp_path / "out" / "models").glob("diffusion-*/last.ckpt"))) == 1  # trained by the study
