@@ -116,6 +116,13 @@ class LitCFCLI(LightningCLI):
             raise
 
 
+CLI_DESCRIPTION = "lit-cf: train image classifiers and explain them with visual counterfactuals."
+CLI_EPILOG = (
+    "One more subcommand: study (lit-cf study --config configs/study/<name>.yaml) runs a whole "
+    "experiment of lit_cf.studies (fit, explain, evaluate); lit-cf study --config ... --help lists its settings."
+)
+
+
 def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:
     """Build (and with ``run=True`` execute) the CLI; notebooks use ``run=False``."""
     return LitCFCLI(
@@ -129,6 +136,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> LitCFCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        parser_kwargs={"description": CLI_DESCRIPTION, "epilog": CLI_EPILOG},
     )
 
 

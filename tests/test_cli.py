@@ -13,8 +13,9 @@ def test_help_lists_verbs(capsys):
         main(["--help"])
     assert err.value.code == 0
     out = capsys.readouterr().out
-    for verb in ("fit", "validate", "test", "predict", "explain"):
+    for verb in ("fit", "validate", "test", "predict", "explain", "evaluate"):
         assert verb in out
+    assert "One more subcommand: study (lit-cf study --config" in " ".join(out.split())
 
 
 def test_explain_help_documents_its_arguments(capsys):
