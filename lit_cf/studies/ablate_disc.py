@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lit_cf.errors import UserError
 from lit_cf.metrics.localisation import MOUTH_BOX, box_mask, localisation, stroke_mask
-from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study
+from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, resolve_config
 
 __all__ = ["CHAIN", "AblateDISC", "check_data_overrides", "init_args", "matched_scores", "matched_valid", "region_mask"]
 
@@ -149,6 +149,10 @@ class AblateDISC(Study):
         dip_channels: Channels of the deep image prior.
         fit_psnr: PSNR (dB) at which the prior's fit stops.
         mc_weight: Weight of the DUQ manifold-consistency term (links ``+mc``).
+        oracle: The oracle's model config (``null``: ``model/cnn_wide.yaml`` on digits,
+            ``model/cnn_celeba.yaml`` with another seed on CelebA; an oracle of another
+            architecture, e.g. ``model/resnet18_celeba.yaml``, shares fewer of the classifier's
+            adversarial directions).
         links: The links to run, a subset of the chain, in order.
         data_overrides: Dotted ``data.init_args.*`` overrides of every fit, explain and
             evaluation (e.g. ``{data.init_args.batch_size: 256}``).
@@ -175,6 +179,7 @@ class AblateDISC(Study):
         dip_channels: int = 32,
         fit_psnr: float = 30.0,
         mc_weight: float = 0.1,
+        oracle: str | None = None,
         links: list[str] | None = None,
         data_overrides: dict[str, Any] | None = None,
         accelerator: str = "auto",
@@ -202,6 +207,13 @@ class AblateDISC(Study):
         self.queries, self.steps, self.fit_steps, self.chunk_size = queries, steps, fit_steps, chunk_size
         self.feature_weight, self.feature_distance, self.mc_weight = feature_weight, feature_distance, mc_weight
         self.dip_channels, self.fit_psnr, self.seed = dip_channels, fit_psnr, seed
+        if oracle is None:
+            oracle = "model/cnn_celeba.yaml" if data == "celeba" else "model/cnn_wide.yaml"
+        try:
+            resolve_config(oracle)
+        except UserError as err:
+            raise UserError(f"ablate_disc: oracle: {err}") from None
+        self.oracle = oracle
 
     # ------------------------------------------------------------------ specs
     def data_configs(self) -> tuple[str, ...]:
@@ -225,12 +237,12 @@ class AblateDISC(Study):
             return {
                 "classifier": spec("classifier", "model/cnn.yaml", self.epochs, 0),
                 "duq": spec("duq", "model/duq_cnn.yaml", self.duq_epochs, 0, SMALL_DUQ),
-                "oracle": spec("oracle", "model/cnn_wide.yaml", self.epochs, 2),
+                "oracle": spec("oracle", self.oracle, self.epochs, 2),
             }
         return {
             "classifier": spec("classifier", "model/cnn_celeba.yaml", self.epochs, 0),
             "duq": spec("duq", "model/duq_cnn_celeba.yaml", self.duq_epochs, 0),
-            "oracle": spec("oracle", "model/cnn_celeba.yaml", self.epochs, 1),
+            "oracle": spec("oracle", self.oracle, self.epochs, 1),
         }
 
     def explain_args(self, link: str, ckpt: Mapping[str, Path]) -> dict[str, Any]:

@@ -38,12 +38,24 @@ def run_cli_expecting_error(tmp_path, capsys, study: str, settings: dict) -> str
         ({"feature_distance": "l1"}, "feature_distance"),
         ({"root": "/nonexistent"}, "no /nonexistent/MNIST"),
         ({"data_overrides": {"trainer.max_epochs": 1}}, "data_overrides"),
+        ({"oracle": "model/no_such.yaml"}, "ablate_disc: oracle: study config model/no_such.yaml not found"),
     ],
 )
 def test_bad_settings_are_one_line_and_write_nothing(tmp_path, capsys, settings, message):
     root = write_idx_dataset(tmp_path / "data", n_train=8, n_test=8)
     line = run_cli_expecting_error(tmp_path, capsys, "ablate_disc", {"root": str(root), **settings})
     assert message in line
+
+
+def test_oracle_defaults_per_dataset_and_takes_another_architecture(tmp_path):
+    root = write_idx_dataset(tmp_path / "data", n_train=8, n_test=8)
+    (tmp_path / "data" / "celeba").mkdir()
+    digits = AblateDISC(root=str(root)).model_specs()["oracle"]
+    assert digits.configs == ("data/mnist.yaml", "model/cnn_wide.yaml") and digits.args["seed_everything"] == 2
+    celeba = AblateDISC(data="celeba", root=str(tmp_path / "data")).model_specs()
+    assert celeba["oracle"].configs[-1] == "model/cnn_celeba.yaml" == celeba["classifier"].configs[-1]
+    other = AblateDISC(data="celeba", root=str(tmp_path / "data"), oracle="model/resnet18_celeba.yaml").model_specs()
+    assert other["oracle"].configs[-1] == "model/resnet18_celeba.yaml" and other["oracle"].key() != celeba["oracle"].key()
 
 
 def row(index, target, pred):
