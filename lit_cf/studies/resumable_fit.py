@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint
 
 from lit_cf.errors import UserError
 from lit_cf.studies.core import (
@@ -32,7 +32,7 @@ from lit_cf.studies.core import (
     resolve_config,
 )
 
-__all__ = ["ResumableFit", "StopControl", "fit_resumable", "instantiate"]
+__all__ = ["EpochCheckpoint", "ResumableFit", "StopControl", "fit_resumable", "instantiate"]
 
 
 def instantiate(spec: ModelSpec) -> tuple[L.LightningModule, L.LightningDataModule]:
@@ -78,6 +78,29 @@ class StopControl(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs_done = int(state_dict["epochs_done"])
+
+
+class EpochCheckpoint(Checkpoint):
+    """Writes ``path`` (the fit's ``last.ckpt``) at the end of every training epoch, atomically
+    (a temporary file renamed over it), so a killed fit resumes from its last whole epoch.
+
+    Lightning's ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes ``last.ckpt`` only when
+    the fit ends (since Lightning 2.6 it saves "last" only in a step where a top-k checkpoint was
+    saved): a fit killed after 10 epochs left nothing to resume. As a :class:`Checkpoint`,
+    Lightning runs this callback after the others, so their state is in the file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            tmp.replace(self.path)
+        trainer.strategy.barrier("lit_cf_epoch_checkpoint")
 
 
 @dataclass
@@ -163,7 +186,7 @@ def fit_resumable(
                 "callbacks": [
                     *callbacks,
                     control,
-                    ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_epochs=1),
+                    EpochCheckpoint(ckpt),
                 ],
             }
         )

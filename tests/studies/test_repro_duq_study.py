@@ -114,3 +114,39 @@ def test_shipped_config_holds_the_study_defaults():
     assert set(settings) == set(inspect.signature(cls.__init__).parameters) - {"self"}
     # lists and mappings default to None in the signature and are spelled out in the config
     assert {k: v for k, v in settings.items() if defaults[k] is not None} == {k: v for k, v in defaults.items() if v is not None}
+
+
+def test_a_fit_killed_mid_epoch_resumes_from_the_last_whole_epoch(tmp_path):
+    """EpochCheckpoint writes last.ckpt after every epoch (Lightning's save_last with save_top_k=0
+    wrote it only when the fit ended), atomically: no temporary file is left."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lit_cf.studies.resumable_fit import EpochCheckpoint
+
+    class Killed(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.current_epoch == 2 and args[-1] == 1:
+                raise RuntimeError("killed")
+
+    ckpt = tmp_path / "last.ckpt"
+
+    def trainer(*callbacks):
+        return L.Trainer(
+            max_epochs=4,
+            limit_train_batches=3,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[EpochCheckpoint(ckpt), *callbacks],
+        )
+
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(Killed()).fit(BoringModel())
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 1 and saved["global_step"] == 6  # two whole epochs of 3 batches
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    resumed = trainer()
+    resumed.fit(BoringModel(), ckpt_path=ckpt, weights_only=True)
+    assert resumed.global_step == 12 and torch.load(ckpt, weights_only=True)["global_step"] == 12
