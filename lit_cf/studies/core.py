@@ -189,11 +189,20 @@ class StudyContext:
         out: The study's output folder.
         accelerator: ``--trainer.accelerator`` of every fit, explain and evaluate.
         log: Where progress lines go (default: print).
+        models_from: Output folders of other studies whose finished models of the same key
+            (config files' contents and arguments) are copied instead of trained again.
     """
 
-    def __init__(self, out: Path, accelerator: str = "auto", log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        accelerator: str = "auto",
+        log: Callable[[str], None] | None = None,
+        models_from: Sequence[Path] = (),
+    ) -> None:
         self.out = Path(out)
         self.accelerator = accelerator
+        self.models_from = [Path(p) for p in models_from]
         self.log = log or (lambda line: print(line, flush=True))
         self.models: dict[str, dict[str, Any]] = {}  # name -> key, checkpoint, reused, seconds
         self.explains: dict[str, str] = {}
@@ -206,8 +215,9 @@ class StudyContext:
 
         In-process ``lit-cf fit`` with the logger off, no sample grid and a ``ModelCheckpoint``
         writing ``last.ckpt`` after each epoch. A finished fit of the same key (its ``fit.json``
-        marker is written atomically after the checkpoint) is reused, not retrained; an
-        unfinished folder (an interrupted fit) is trained again from the start.
+        marker is written atomically after the checkpoint) is reused, not retrained; so is one
+        in a ``models_from`` folder (copied here, whatever its name there); an unfinished folder
+        (an interrupted fit) is trained again from the start.
         """
         key = spec.key()
         folder = self.out / "models" / f"{spec.name}-{key}"
@@ -217,6 +227,25 @@ class StudyContext:
         if isinstance(done, dict) and done.get("key") == key and ckpt.is_file():
             self.log(f"study: fit {spec.name}: reusing {ckpt}")
             self.models[spec.name] = {"key": key, "checkpoint": str(ckpt), "reused": True, "seconds": done.get("seconds")}
+            return ckpt
+        source = self._finished_elsewhere(key)
+        if source is not None:
+            tmp = folder.with_name(f".{folder.name}.copy")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(source, tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+            self.log(f"study: fit {spec.name}: copied the finished fit {source}")
+            seconds = (_read_json(folder / "fit.json") or {}).get("seconds")
+            self.models[spec.name] = {
+                "key": key,
+                "checkpoint": str(ckpt),
+                "reused": True,
+                "seconds": seconds,
+                "copied_from": str(source),
+            }
             return ckpt
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted fit: Lightning would version its files, start clean
@@ -247,6 +276,15 @@ class StudyContext:
         self.models[spec.name] = {"key": key, "checkpoint": str(ckpt), "reused": False, "seconds": seconds}
         self.timings[f"fit_{spec.name}_s"] = seconds
         return ckpt
+
+    def _finished_elsewhere(self, key: str) -> Path | None:
+        """The folder of a finished fit with ``key`` in one of ``models_from`` (first found), or None."""
+        for root in self.models_from:
+            for cand in sorted((root / "models").glob(f"*-{key}")):
+                done = _read_json(cand / "fit.json")
+                if isinstance(done, dict) and done.get("key") == key and (cand / "last.ckpt").is_file():
+                    return cand
+        return None
 
     # ------------------------------------------------------------------ explain
     def explain(self, name: str, configs: Sequence[str], args: Mapping[str, Any]) -> Path:
@@ -388,6 +426,12 @@ def _settings_parser(cls: type[Study]) -> Any:
     parser.add_argument("--config", required=False, help="the study config (YAML: study, output_dir, settings)")
     parser.add_argument("--output_dir", type=str | None, default=None, help="output folder (overrides the config's)")
     parser.add_argument("--overwrite", action="store_true", help="replace this folder's earlier study output")
+    parser.add_argument(
+        "--models_from",
+        type=list[str],
+        default=[],
+        help="other studies' output folders: their finished models of the same config are copied, not trained",
+    )
     parser.add_class_arguments(cls, "settings")
     return parser
 
@@ -516,12 +560,18 @@ def _results_md(study: str, out: Path, settings: dict[str, Any], result: StudyRe
 
 
 def run_study(
-    config: Path | Mapping[str, Any], output_dir: Path | None = None, overwrite: bool = False, quiet: bool = False
+    config: Path | Mapping[str, Any],
+    output_dir: Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    models_from: Sequence[Path | str] = (),
 ) -> StudyResult:
     """Run the study of ``config`` (a study config file or its mapping) and write its results.
 
-    ``output_dir`` overrides the config's. Writes ``<out>/results.json`` (study, settings, model
-    keys, rows, verdict, seconds, seed, lit-cf version) and ``<out>/results.md``. Running the
+    ``output_dir`` overrides the config's. ``models_from``: other studies' output folders whose
+    finished models of the same key are copied instead of trained (:meth:`StudyContext.fit`).
+    Writes ``<out>/results.json`` (study, settings, model keys, rows, verdict, seconds, seed,
+    lit-cf version) and ``<out>/results.md``. Running the
     same study and settings again resumes (everything finished is reused); another study or
     other settings in a non-empty folder is refused unless ``overwrite``.
     """
@@ -535,6 +585,12 @@ def run_study(
     if out_value is None or not str(out_value).strip():
         raise UserError("no output folder: set `output_dir` in the study config or pass --output_dir")
     out = Path(out_value)
+    sources = [Path(p).expanduser() for p in models_from]
+    for src in sources:
+        if not (src / "models").is_dir():
+            raise UserError(f"models_from: {src} holds no models/ folder of a lit-cf study: name a study's output_dir")
+        if src.resolve() == out.resolve():
+            raise UserError(f"models_from: {src} is this study's own output_dir")
     study = cls(**settings)  # refuses bad combinations before anything is written
     _prepare_out(out, cls.name, settings, overwrite)
     created = CreatedPaths()
@@ -543,7 +599,7 @@ def run_study(
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / STUDY_FILE, {"study": cls.name, "settings": settings})
-        ctx = StudyContext(out, accelerator=str(settings.get("accelerator", "auto")), log=log)
+        ctx = StudyContext(out, accelerator=str(settings.get("accelerator", "auto")), log=log, models_from=sources)
         t0 = time.time()
         result = study.run(ctx)
         seconds = round(time.time() - t0, 1)
@@ -582,7 +638,7 @@ def run_study(
 
 
 # ---------------------------------------------------------------------- the `lit-cf study` verb
-USAGE = "lit-cf study --config FILE [--output_dir DIR] [--settings.NAME VALUE ...] [--overwrite]"
+USAGE = "lit-cf study --config FILE [--output_dir DIR] [--settings.NAME VALUE ...] [--overwrite] [--models_from '[DIR, ...]']"
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -625,7 +681,7 @@ def study_main(argv: Sequence[str]) -> int:
         raise UserError(f"{_one_line(err)} (`lit-cf study --config {path} --help` lists the settings of {cls.name})") from err
     data["settings"] = dict(ns.settings.as_dict())
     output_dir = Path(ns.output_dir) if ns.output_dir else None
-    result = run_study(data, output_dir=output_dir, overwrite=bool(ns.overwrite))
+    result = run_study(data, output_dir=output_dir, overwrite=bool(ns.overwrite), models_from=list(ns.models_from or []))
     out = output_dir if output_dir is not None else Path(str(data.get("output_dir")))
     print()
     print(format_table(result.rows))

@@ -124,6 +124,26 @@ def test_study_writes_results_reuses_models_and_resumes(tmp_path, capsys):
     assert ckpts(out) == now
 
 
+def test_models_from_copies_a_finished_fit_of_the_same_key_under_any_name(tmp_path, capsys):
+    first = tmp_path / "first"
+    main(["study", "--config", str(config(tmp_path)), "--output_dir", str(first)])
+    (trained,) = (first / "models").glob("cnn-*")
+    src = trained.rename(trained.with_name(trained.name.replace("cnn-", "classifier-")))  # another study's name: the key decides
+    second = tmp_path / "second"
+    main(["study", "--config", str(config(tmp_path)), "--output_dir", str(second), "--models_from", f"[{first}]"])
+    assert "copied the finished fit" in capsys.readouterr().out
+    results = json.loads((second / "results.json").read_text())
+    assert results["models"]["cnn"]["reused"] is True and results["models"]["cnn"]["copied_from"] == str(src)
+    (copy,) = (second / "models").glob("cnn-*")
+    assert (copy / "last.ckpt").read_bytes() == (src / "last.ckpt").read_bytes() and (copy / "fit.json").is_file()
+    # another key (2 epochs) is not copied: trained here
+    third = tmp_path / "third"
+    main(["study", "--config", str(config(tmp_path, epochs=2)), "--output_dir", str(third), "--models_from", f"[{first}]"])
+    assert json.loads((third / "results.json").read_text())["models"]["cnn"]["reused"] is False
+    with pytest.raises(UserError, match="this study's own output_dir"):
+        run_study(config(tmp_path), output_dir=first, models_from=[first])
+
+
 def test_failed_verdict_exits_1_and_a_pass_returns(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["study", "--config", str(config(tmp_path, "verdict_only_test", passed=False))])
@@ -166,6 +186,7 @@ def test_another_study_folder_needs_overwrite(tmp_path):
         ({"study": "tiny_core_test"}, ["--settings.queries", "0"], "queries must be >= 1"),
         ({"study": "tiny_core_test", "extra": 1}, [], "unknown key(s) ['extra']"),
         ({"study": "tiny_core_test", "output_dir": None}, [], "no output folder"),
+        ({"study": "tiny_core_test"}, ["--models_from", "[/no/such/study]"], "models_from: /no/such/study holds no models/"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, doc, args, message):
