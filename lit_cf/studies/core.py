@@ -213,11 +213,14 @@ class StudyContext:
     def fit(self, spec: ModelSpec) -> Path:
         """Train ``spec`` into ``<out>/models/<name>-<key>/`` and return its ``last.ckpt``.
 
-        In-process ``lit-cf fit`` with the logger off, no sample grid and a ``ModelCheckpoint``
-        writing ``last.ckpt`` after each epoch. A finished fit of the same key (its ``fit.json``
-        marker is written atomically after the checkpoint) is reused, not retrained; so is one
-        in a ``models_from`` folder (copied here, whatever its name there); an unfinished folder
-        (an interrupted fit) is trained again from the start.
+        In-process ``lit-cf fit`` with the logger off, no sample grid and
+        :class:`~lit_cf.studies.resumable_fit.EpochCheckpoint` writing ``last.ckpt`` atomically
+        after each epoch. A finished fit of the same key (its ``fit.json`` marker is written
+        atomically after the checkpoint) is reused, not retrained; so is one in a
+        ``models_from`` folder (copied here, whatever its name there). An interrupted fit (a
+        ``last.ckpt`` without ``fit.json``) continues from its last whole epoch (Lightning's
+        ``--ckpt_path``: weights, optimizer, schedules and loop state; the data order after the
+        resume is not that of an uninterrupted fit); a folder without a checkpoint starts over.
         """
         key = spec.key()
         folder = self.out / "models" / f"{spec.name}-{key}"
@@ -247,10 +250,11 @@ class StudyContext:
                 "copied_from": str(source),
             }
             return ckpt
-        if folder.exists():
-            shutil.rmtree(folder)  # an interrupted fit: Lightning would version its files, start clean
-        folder.mkdir(parents=True)
-        self.log(f"study: fit {spec.name} -> {folder}")
+        resume = ckpt.is_file()
+        if folder.exists() and not resume:
+            shutil.rmtree(folder)  # interrupted before its first epoch ended: start clean
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log(f"study: fit {spec.name} -> {folder}" + (f" (resuming from {ckpt})" if resume else ""))
         t0 = time.time()
         argv = [
             "fit",
@@ -262,9 +266,9 @@ class StudyContext:
             f"--trainer.accelerator={self.accelerator}",
             *_cli_args(spec.args),
             f"--trainer.default_root_dir={folder}",
-            "--trainer.callbacks+=ModelCheckpoint",
-            f"--trainer.callbacks.dirpath={folder}",
-            "--trainer.callbacks.filename=last",
+            "--trainer.callbacks+=lit_cf.studies.resumable_fit.EpochCheckpoint",
+            f"--trainer.callbacks.path={ckpt}",
+            *([f"--ckpt_path={ckpt}"] if resume else []),
         ]
         _run_cli(argv)
         if not ckpt.is_file():

@@ -144,6 +144,32 @@ def test_models_from_copies_a_finished_fit_of_the_same_key_under_any_name(tmp_pa
         run_study(config(tmp_path), output_dir=first, models_from=[first])
 
 
+def test_an_interrupted_fit_continues_from_its_last_whole_epoch(tmp_path):
+    import torch
+
+    def spec(epochs: int) -> ModelSpec:
+        args = {**TINY, "trainer.max_epochs": epochs, "trainer.limit_train_batches": 2, "seed_everything": 0}
+        return ModelSpec("cnn", ("data/rendered.yaml", "model/cnn.yaml"), args)
+
+    lines: list[str] = []
+    ctx = StudyContext(tmp_path / "out", accelerator="cpu", log=lines.append)
+    one = ctx.fit(spec(1))
+    assert torch.load(one, weights_only=True)["global_step"] == 2 and not list(one.parent.glob(".*"))
+    # a 3-epoch fit killed after its first epoch: its folder holds that epoch's last.ckpt, no fit.json
+    folder = tmp_path / "out" / "models" / f"cnn-{spec(3).key()}"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(one.read_bytes())
+    three = ctx.fit(spec(3))
+    assert lines[-1].endswith(f"(resuming from {three})")
+    assert torch.load(three, weights_only=True)["global_step"] == 6 and (folder / "fit.json").is_file()
+    # interrupted before any checkpoint: started over
+    empty = tmp_path / "out" / "models" / f"cnn-{spec(2).key()}"
+    empty.mkdir()
+    (empty / "stray.txt").write_text("x")
+    two = ctx.fit(spec(2))
+    assert torch.load(two, weights_only=True)["global_step"] == 4 and not (empty / "stray.txt").exists()
+
+
 def test_failed_verdict_exits_1_and_a_pass_returns(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["study", "--config", str(config(tmp_path, "verdict_only_test", passed=False))])
