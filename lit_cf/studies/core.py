@@ -99,6 +99,17 @@ def resolve_config(path: str | Path) -> Path:
     return p
 
 
+def _loadable(ckpt: Path) -> bool:
+    """Whether ``ckpt`` reads as a Lightning training checkpoint (weights only; a truncated file does not)."""
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception:  # any failure to read it means: do not resume from it
+        return False
+    return isinstance(state, dict) and "state_dict" in state and "loops" in state
+
+
 def _write_json(path: Path, obj: Any) -> None:
     from lit_cf.runs.atomic import atomic_write_text
 
@@ -250,9 +261,9 @@ class StudyContext:
                 "copied_from": str(source),
             }
             return ckpt
-        resume = ckpt.is_file()
+        resume = ckpt.is_file() and _loadable(ckpt)
         if folder.exists() and not resume:
-            shutil.rmtree(folder)  # interrupted before its first epoch ended: start clean
+            shutil.rmtree(folder)  # interrupted before its first epoch ended (or a damaged checkpoint): start clean
         folder.mkdir(parents=True, exist_ok=True)
         self.log(f"study: fit {spec.name} -> {folder}" + (f" (resuming from {ckpt})" if resume else ""))
         t0 = time.time()

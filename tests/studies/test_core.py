@@ -162,11 +162,13 @@ def test_an_interrupted_fit_continues_from_its_last_whole_epoch(tmp_path):
     three = ctx.fit(spec(3))
     assert lines[-1].endswith(f"(resuming from {three})")
     assert torch.load(three, weights_only=True)["global_step"] == 6 and (folder / "fit.json").is_file()
-    # interrupted before any checkpoint: started over
+    # interrupted before any checkpoint, or with a truncated one: started over
     empty = tmp_path / "out" / "models" / f"cnn-{spec(2).key()}"
     empty.mkdir()
     (empty / "stray.txt").write_text("x")
+    (empty / "last.ckpt").write_bytes(one.read_bytes()[:1000])
     two = ctx.fit(spec(2))
+    assert not lines[-1].endswith(")") and lines[-1].endswith(str(empty))
     assert torch.load(two, weights_only=True)["global_step"] == 4 and not (empty / "stray.txt").exists()
 
 
