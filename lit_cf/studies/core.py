@@ -99,6 +99,13 @@ def resolve_config(path: str | Path) -> Path:
     return p
 
 
+def _finished_fit(folder: Path, key: str) -> dict[str, Any] | None:
+    """The ``fit.json`` marker of ``folder`` when it holds a finished fit of ``key`` (marker and
+    ``last.ckpt``), else None."""
+    done = _read_json(folder / "fit.json")
+    return done if isinstance(done, dict) and done.get("key") == key and (folder / "last.ckpt").is_file() else None
+
+
 def _loadable(ckpt: Path) -> bool:
     """Whether ``ckpt`` reads as a Lightning training checkpoint (weights only; a truncated file does not)."""
     import torch
@@ -237,8 +244,8 @@ class StudyContext:
         folder = self.out / "models" / f"{spec.name}-{key}"
         ckpt = folder / "last.ckpt"
         marker = folder / "fit.json"
-        done = _read_json(marker)
-        if isinstance(done, dict) and done.get("key") == key and ckpt.is_file():
+        done = _finished_fit(folder, key)
+        if done is not None:
             self.log(f"study: fit {spec.name}: reusing {ckpt}")
             self.models[spec.name] = {"key": key, "checkpoint": str(ckpt), "reused": True, "seconds": done.get("seconds")}
             return ckpt
@@ -296,8 +303,7 @@ class StudyContext:
         """The folder of a finished fit with ``key`` in one of ``models_from`` (first found), or None."""
         for root in self.models_from:
             for cand in sorted((root / "models").glob(f"*-{key}")):
-                done = _read_json(cand / "fit.json")
-                if isinstance(done, dict) and done.get("key") == key and (cand / "last.ckpt").is_file():
+                if _finished_fit(cand, key) is not None:
                     return cand
         return None
 

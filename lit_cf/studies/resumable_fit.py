@@ -26,7 +26,7 @@ from lit_cf.studies.core import (
     ModelSpec,
     StudyContext,
     _cli_args,
-    _read_json,
+    _finished_fit,
     _write_json,
     quiet_lightning,
     resolve_config,
@@ -163,8 +163,7 @@ def fit_resumable(
     folder = ctx.out / "models" / f"{spec.name}-{key}"
     ckpt, marker = folder / "last.ckpt", folder / "fit.json"
     model, dm = instantiate(spec)
-    done = _read_json(marker)
-    finished_before = isinstance(done, dict) and done.get("key") == key and ckpt.is_file()
+    finished_before = _finished_fit(folder, key) is not None
     epochs = _epochs_in(ckpt) if ckpt.is_file() else 0
     control = StopControl(stop_after, time_budget)
     # nothing left to train: a fit of zero epochs (max_epochs = the epochs done) only restores the
