@@ -35,9 +35,10 @@ from lit_cf.studies.core import (
 __all__ = ["EpochCheckpoint", "ResumableFit", "StopControl", "fit_resumable", "instantiate"]
 
 
-def instantiate(spec: ModelSpec) -> tuple[L.LightningModule, L.LightningDataModule]:
+def instantiate(spec: ModelSpec) -> tuple[L.LightningModule, L.LightningDataModule, int | None]:
     """The model and datamodule of ``spec`` (its configs and dotted args), built by lit-cf's CLI
-    parser without running anything (``seed_everything`` of the config is applied)."""
+    parser without running anything, and the seed it applied (``seed_everything`` of the config;
+    lit-cf's default 0)."""
     from lit_cf.cli import build_cli
 
     argv = [*(f"--config={resolve_config(c)}" for c in spec.configs), "--trainer.logger=false", *_cli_args(spec.args)]
@@ -45,7 +46,8 @@ def instantiate(spec: ModelSpec) -> tuple[L.LightningModule, L.LightningDataModu
         cli = build_cli(argv, run=False)
     if cli.datamodule is None:
         raise UserError(f"model {spec.name}: its configs {list(spec.configs)} define no data")
-    return cli.model, cli.datamodule
+    seed = cli.config.get("seed_everything")
+    return cli.model, cli.datamodule, (None if seed is None or isinstance(seed, bool) else int(seed))
 
 
 class StopControl(Callback):
@@ -162,7 +164,7 @@ def fit_resumable(
     key = spec.key()
     folder = ctx.out / "models" / f"{spec.name}-{key}"
     ckpt, marker = folder / "last.ckpt", folder / "fit.json"
-    model, dm = instantiate(spec)
+    model, dm, seed = instantiate(spec)
     finished_before = _finished_fit(folder, key) is not None
     epochs = _epochs_in(ckpt) if ckpt.is_file() else 0
     control = StopControl(stop_after, time_budget)
@@ -203,7 +205,14 @@ def fit_resumable(
     finished = epochs >= max_epochs
     if finished and not finished_before:
         _write_json(
-            marker, {"key": key, "name": spec.name, "configs": list(spec.configs), "args": dict(spec.args), "epochs": epochs}
+            marker,
+            {"key": key, "name": spec.name, "configs": list(spec.configs), "args": dict(spec.args), "epochs": epochs, "seed": seed},
         )
-    ctx.models[spec.name] = {"key": key, "checkpoint": str(ckpt), "reused": seconds == 0, "epochs_done": epochs}
+    ctx.models[spec.name] = {
+        "key": key,
+        "checkpoint": str(ckpt),
+        "reused": seconds == 0,
+        "epochs_done": epochs,
+        "seed": seed,
+    }
     return ResumableFit(ckpt, model, dm, epochs, finished, round(seconds, 1), None if finished else control.stopped_by)

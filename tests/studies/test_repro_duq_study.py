@@ -64,8 +64,9 @@ def test_stops_after_an_epoch_and_resumes(data_root, tmp_path):
     assert [r["lr"] for r in curve] == pytest.approx([0.05, 0.01, 0.002])
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["auroc_ood"] <= 1 for r in curve)
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 12
-    assert (folder / "fit.json").is_file()
+    assert json.loads((folder / "fit.json").read_text())["seed"] == 0  # lit-cf's default seed, recorded
     summary = json.loads((out / "results.json").read_text())
+    assert summary["models"]["duq-fashion_mnist"]["seed"] == 0
     assert summary["rows"] == resumed.rows and "shortened schedule" in (out / "results.md").read_text()
 
 
@@ -90,6 +91,21 @@ def test_bad_settings_are_one_line_and_write_nothing(data_root, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lit-cf: error:") and message in err[0]
     assert not out.exists()
+
+
+def test_the_applied_seed_is_the_one_recorded(data_root):
+    from lit_cf.studies.core import ModelSpec
+    from lit_cf.studies.resumable_fit import instantiate
+
+    configs = ("data/fashion_mnist.yaml", "model/duq_cnn.yaml", "trainer/duq_paper.yaml")
+    args = {"data.init_args.root": str(data_root), **TINY}
+    seeds, weights = [], []
+    for seed in (3, 3, 4):
+        model, _, applied = instantiate(ModelSpec("duq", configs, {**args, "seed_everything": seed}))
+        seeds.append(applied)
+        weights.append(model.W.detach().clone())
+    assert seeds == [3, 3, 4]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
 def test_missing_data_is_refused_before_anything_is_written(tmp_path):
