@@ -204,8 +204,17 @@ def fit_resumable(
             epochs = control.epochs_done
     finished = epochs >= max_epochs
     if finished and not finished_before:
-        record = {"key": key, "name": spec.name, "configs": list(spec.configs), "args": dict(spec.args)}
-        _write_json(marker, {**record, "epochs": epochs, "seed": seed})
+        _write_json(
+            marker,
+            {
+                "key": key,
+                "name": spec.name,
+                "configs": list(spec.configs),
+                "args": dict(spec.args),
+                "epochs": epochs,
+                "seed": seed,
+            },
+        )
     ctx.models[spec.name] = {
         "key": key,
         "checkpoint": str(ckpt),
