@@ -67,6 +67,19 @@ def test_goal_takes_the_diffusion_method_with_the_best_ota():
     assert goal({"disc": rows["disc"]}, 140.0) is None
 
 
+def test_grid_cells_equal_to_a_method_run_are_reused(tmp_path):
+    root = write_idx_dataset(tmp_path / "data", n_train=8, n_test=8)
+    study = Vaeth(root=str(root))
+    assert study.same_as_method(("standard", False, True)) == "dvce"
+    assert study.same_as_method(("standard", True, True)) == "dvce_cone"
+    assert study.same_as_method(("standard", False, False)) is None  # the table's DVCE uses x0-prediction
+    assert study.same_as_method(("duq", False, True)) is None  # the table explains the standard CNN
+    changed = Vaeth(root=str(root), method_args={"dvce": {"model.init_args.num_steps": 10}})
+    assert changed.same_as_method(("standard", False, True)) is None  # other arguments: its own run
+    assert changed.same_as_method(("standard", True, True)) == "dvce_cone"
+    assert Vaeth(root=str(root), methods=["pixel"]).same_as_method(("standard", False, True)) is None
+
+
 @pytest.mark.slow  # about a minute on two busy cores: eight tiny fits, four DVCE runs, two evaluations
 def test_tiny_study_two_guides_with_and_without_the_cone(tmp_path):
     from lit_cf.studies import run_study
@@ -101,6 +114,13 @@ def test_tiny_study_two_guides_with_and_without_the_cone(tmp_path):
     assert runs[4:] == ["pixel", "dvce", "fastdime", "no edit (queries)", "real floor"]
     for r in result.rows[:7]:
         assert 0 <= r["validity"] <= 1 and 0 <= r["OTA wide"] <= 1 and r["s/cf"] > 0 and r["FID real"] >= 0
+    # the grid's standard / cone off / x0 cell is the methods table's dvce run, not a second run
+    explained = tmp_path / "out" / "explain"
+    assert (explained / "method-dvce").is_dir() and not (explained / "dvce-standard-nocone-x0").exists()
+    assert (explained / "dvce-standard-cone-x0").is_dir()  # dvce_cone is not in the table: run by the grid
+    assert {k: v for k, v in result.rows[0].items() if k not in ("part", "run")} == {
+        k: v for k, v in result.rows[5].items() if k not in ("part", "run")
+    }
     targets = json.loads((tmp_path / "out" / "targets.json").read_text())
     assert len(targets) == 2
     names = {f["finding"] for f in result.verdict["findings"]}  # type: ignore[index]
