@@ -56,6 +56,7 @@ def ceiling(
     """Per tau: accuracy on ``test`` (noised as in the round trip) of a CNN trained to predict ``C(x)`` from ``x_tau``."""
     T, acp = model.num_train_timesteps, model.alphas_cumprod.cpu()
     train_y, test_y = predictions(classifier, train), predictions(classifier, test)
+    num_classes = int(classifier(test[:1]).shape[-1])
     # the round trip's noise: drawn once, in order, from the seed (round_trip_scores)
     test_noise = torch.randn((len(test), *model.model_shape), generator=torch.Generator().manual_seed(seed))
     c, s, _ = model.model_shape
@@ -63,7 +64,8 @@ def ceiling(
     for tau in taus:
         t = round(tau * T) - 1
         torch.manual_seed(seed)
-        net = torch.nn.Sequential(ConvNet(in_channels=c, image_size=s, batch_norm=True), torch.nn.Linear(128, 10))
+        backbone = ConvNet(in_channels=c, image_size=s, batch_norm=True)
+        net = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.out_features, num_classes))
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(seed + 1)
         net.train()

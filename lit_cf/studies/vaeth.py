@@ -412,7 +412,7 @@ class Vaeth(Study):
                     continue  # a cone around the robust gradient itself changes nothing
                 for x0 in self.x0s:
                     same = self.same_as_method((guide, cone, x0))
-                    if same is not None and same in method_runs:
+                    if same is not None:  # a method of the table, so already in method_runs
                         grid_runs[(guide, cone, x0)] = method_runs[same]
                         continue
                     grid_runs[(guide, cone, x0)] = ctx.explain(
