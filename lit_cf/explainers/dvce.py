@@ -10,7 +10,12 @@ run from there on a respaced grid (``num_steps`` steps, default 100: the authors
   L2 norm (``distance: l2``);
 * ``x0_prediction: true`` takes both gradients w.r.t. ``x_t`` *through the denoiser*
   (x0-hat keeps its graph); ``false`` takes them directly at x0-hat (the denoiser is not
-  differentiated) and applies them to the mean as they are;
+  differentiated) and applies them to the mean as they are. The paper's ablation can also be
+  read as the classifier seeing the *noisy* sample when x0-prediction is off (plain classifier
+  guidance, which a classifier not trained on noise cannot follow): ``x0_off_input: x_t`` does
+  that (the classifier term's gradient of ``log p_C(target | x_t)`` at ``x_t``; the distance
+  term stays at x0-hat), ``x0_hat`` (default) is the reading above. It only acts when
+  ``x0_prediction`` is false;
 * each term is rescaled per image to a common norm before weighting: ``normalisation: noise``
   (DVCE) uses the norm of the predicted noise, ``unit`` (DBVCE) unit norm times the norm of the
   step's posterior mean;
@@ -56,6 +61,7 @@ __all__ = ["DVCE", "cone_project", "unit_per_image"]
 
 DISTANCES = ("l1", "l2")
 NORMALISATIONS = ("noise", "unit")
+X0_OFF_INPUTS = ("x0_hat", "x_t")
 
 
 def _flat_norm(t: Tensor) -> Tensor:
@@ -116,6 +122,8 @@ class DVCE(DiffusionCounterfactual):
         normalisation: ``noise`` (DVCE: each term scaled to the predicted noise's norm) or
             ``unit`` (DBVCE: unit norm times the norm of the posterior mean).
         x0_prediction: Gradients w.r.t. ``x_t`` through the denoiser (true) or at x0-hat (false).
+        x0_off_input: With ``x0_prediction: false``: what the classifier sees, ``x0_hat`` (the
+            clean estimate) or ``x_t`` (the noisy sample: plain classifier guidance).
         cone: Project the classifier gradient with a robust classifier's (needs
             ``robust_classifier``).
         robust_classifier: Checkpoint of the robust classifier of the cone.
@@ -138,6 +146,7 @@ class DVCE(DiffusionCounterfactual):
         distance: str = "l1",
         normalisation: str = "noise",
         x0_prediction: bool = True,
+        x0_off_input: str = "x0_hat",
         cone: bool = False,
         robust_classifier: str | None = None,
         cone_angle: float = 30.0,
@@ -152,6 +161,7 @@ class DVCE(DiffusionCounterfactual):
         self.sampler, self.distance, self.normalisation = sampler, distance, normalisation
         self.classifier_weight, self.distance_weight = classifier_weight, distance_weight
         self.x0_prediction, self.cone, self.cone_angle = x0_prediction, cone, cone_angle
+        self.x0_off_input = x0_off_input
         self.robust_classifier_path = robust_classifier
         self.augment, self.clip_denoised = augment, clip_denoised
         self.robust: ImageClassifier | None = None
@@ -165,6 +175,8 @@ class DVCE(DiffusionCounterfactual):
             raise UserError(f"distance must be one of {list(DISTANCES)}, got {self.distance!r}")
         if self.normalisation not in NORMALISATIONS:
             raise UserError(f"normalisation must be one of {list(NORMALISATIONS)}, got {self.normalisation!r}")
+        if self.x0_off_input not in X0_OFF_INPUTS:
+            raise UserError(f"x0_off_input must be one of {list(X0_OFF_INPUTS)}, got {self.x0_off_input!r}")
         if self.classifier_weight < 0 or self.distance_weight < 0:
             raise UserError("classifier_weight and distance_weight must be >= 0")
         if not 0.0 < self.cone_angle < 90.0:
@@ -193,6 +205,10 @@ class DVCE(DiffusionCounterfactual):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
+        if info.get("x0_off_input") == "x0_hat":
+            # the default (the only behaviour before the switch existed) is not recorded, so runs
+            # made before it keep their fingerprint and resume or are reused as before
+            info.pop("x0_off_input")
         if self.cone:
             info["robust_classifier_sha256"] = file_sha256(self._robust_path())
         return info
@@ -229,16 +245,21 @@ class DVCE(DiffusionCounterfactual):
         var = step.x_t if self.x0_prediction else step.x0_hat.detach().requires_grad_(True)
         x0 = step.x0_hat if self.x0_prediction else var
         images = self.classifier_input(x0)
-        logp = self.target_log_prob(self.attached_classifier(), images, target, noise)
+        # the classifier's input and the variable of its gradient: x0-hat, unless x0_off_input: x_t
+        var_c, seen = var, images
+        if not self.x0_prediction and self.x0_off_input == "x_t":
+            var_c = step.x_t.detach().requires_grad_(True)
+            seen = self.classifier_input(var_c)
+        logp = self.target_log_prob(self.attached_classifier(), seen, target, noise)
         diff = (images - query).flatten(1)
         dist = diff.abs().sum(1) if self.distance == "l1" else diff.norm(dim=1)
         zeros = torch.zeros_like(var)
-        g_c = torch.autograd.grad(logp.sum(), var, retain_graph=True)[0] if self.classifier_weight else zeros
+        g_c = torch.autograd.grad(logp.sum(), var_c, retain_graph=True)[0] if self.classifier_weight else zeros
         if self.cone and self.classifier_weight:
             robust = self.robust
             assert robust is not None  # attach() loads it when cone is on
-            logp_r = self.target_log_prob(robust, images, target, None)
-            g_r = torch.autograd.grad(logp_r.sum(), var, retain_graph=True)[0]
+            logp_r = self.target_log_prob(robust, seen, target, None)
+            g_r = torch.autograd.grad(logp_r.sum(), var_c, retain_graph=True)[0]
             g_c = cone_project(g_c, g_r, self.cone_angle)
         g_d = torch.autograd.grad(dist.sum(), var)[0] if self.distance_weight else zeros
         return g_c, g_d, {"log_prob": logp.detach(), "distance": dist.detach()}

@@ -497,8 +497,26 @@ def _load_config(config: Path | Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- output folder
-def _prepare_out(out: Path, study: str, settings: dict[str, Any], overwrite: bool) -> None:
-    """Make ``out`` ready: new, empty, the same study and settings (resume), or replaced with ``overwrite``."""
+def _same_settings(stored: Any, settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> bool:
+    """``stored`` (a folder's ``study.json`` settings) equals ``settings``, where a setting the
+    study gained after the folder was made counts as equal at its default value (so a folder made
+    by an earlier lit-cf still resumes)."""
+    if not isinstance(stored, Mapping) or set(stored) - set(settings):
+        return False
+    for key, value in settings.items():
+        before = stored[key] if key in stored else defaults.get(key, object())
+        if _canonical(before) != _canonical(value):
+            return False
+    return True
+
+
+def _prepare_out(
+    out: Path, study: str, settings: dict[str, Any], overwrite: bool, defaults: Mapping[str, Any] | None = None
+) -> None:
+    """Make ``out`` ready: new, empty, the same study and settings (resume), or replaced with ``overwrite``.
+
+    ``defaults``: the study's default settings (a setting missing from an older ``study.json``
+    matches its default)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} exists and is not a folder: choose another output_dir")
     if not out.exists() or not any(out.iterdir()):
@@ -508,7 +526,7 @@ def _prepare_out(out: Path, study: str, settings: dict[str, Any], overwrite: boo
         raise UserError(
             f"output_dir {out} is not empty and holds no lit-cf study (no valid {STUDY_FILE}): choose a new output_dir"
         )
-    same = meta.get("study") == study and _canonical(meta.get("settings")) == _canonical(settings)
+    same = meta.get("study") == study and _same_settings(meta.get("settings"), settings, defaults or {})
     if same:
         return  # resume: finished models, runs, evaluations and cached steps are reused
     if not overwrite:
@@ -613,7 +631,7 @@ def run_study(
         if src.resolve() == out.resolve():
             raise UserError(f"models_from: {src} is this study's own output_dir")
     study = cls(**settings)  # refuses bad combinations before anything is written
-    _prepare_out(out, cls.name, settings, overwrite)
+    _prepare_out(out, cls.name, settings, overwrite, validate_settings(cls, {}))
     created = CreatedPaths()
     created.watch(out)
     log: Callable[[str], None] = (lambda line: None) if quiet else (lambda line: print(line, flush=True))

@@ -9,7 +9,8 @@ Two parts on the same test queries and targets:
   CNN, a randomly initialised CNN, the DUQ model) x ``cones`` (the cone projection towards the
   robust CNN's gradient on/off; the robust guide is run without it: a cone around its own
   gradient changes nothing) x ``x0_predictions`` (the classifier gradient taken through the
-  denoiser, or directly at x0-hat);
+  denoiser, or directly at x0-hat; ``x0_off_input: x_t`` reads "off" as the classifier seeing
+  the noisy sample instead, the other reading of the paper, in its own run folders ``...-nox0xt``);
 * **the methods table**: every lit-cf method explaining the standard CNN (pixel, DeepInversion,
   DISC with the DUQ term, LatentAttack, DVCE with and without the cone, FastDiME, ACE), each with
   its shipped config and the DDPM of this study, scored together. The table runs first (its goal
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lit_cf.errors import UserError
+from lit_cf.explainers.dvce import X0_OFF_INPUTS
 from lit_cf.studies.ablate_disc import SMALL_DUQ, check_data_overrides, init_args
 from lit_cf.studies.core import ModelSpec, Study, StudyContext, StudyResult, register_study, require_positive
 
@@ -71,8 +73,9 @@ COLUMNS = (
 )
 
 
-def grid_name(guide: str, cone: bool, x0: bool) -> str:
-    return f"dvce-{guide}-{'cone' if cone else 'nocone'}-{'x0' if x0 else 'nox0'}"
+def grid_name(guide: str, cone: bool, x0: bool, x0_off_input: str = "x0_hat") -> str:
+    off = "nox0" if x0_off_input == "x0_hat" else "nox0xt"
+    return f"dvce-{guide}-{'cone' if cone else 'nocone'}-{'x0' if x0 else off}"
 
 
 def _ota(row: Mapping[str, Any]) -> float:
@@ -158,6 +161,9 @@ class Vaeth(Study):
         guides: Guiding classifiers of the grid, from ``standard``, ``robust``, ``random``, ``duq``.
         cones: Cone settings of the grid (``[false, true]``).
         x0_predictions: x0-prediction settings of the grid (``[true, false]``).
+        x0_off_input: What the classifier sees in the cells without x0-prediction: ``x0_hat``
+            (the gradient taken at the clean estimate) or ``x_t`` (the noisy sample, plain
+            classifier guidance); see :class:`lit_cf.explainers.DVCE`.
         tau: DVCE's noise level.
         num_steps: DVCE's steps (and the default of the methods table's DVCE runs).
         methods: The methods table, from ``pixel``, ``deepinversion``, ``disc``,
@@ -187,6 +193,7 @@ class Vaeth(Study):
         guides: list[str] | None = None,
         cones: list[bool] | None = None,
         x0_predictions: list[bool] | None = None,
+        x0_off_input: str = "x0_hat",
         tau: float = 0.5,
         num_steps: int = 100,
         methods: list[str] | None = None,
@@ -207,6 +214,9 @@ class Vaeth(Study):
             problems.append(f"guides must be distinct names from {list(GUIDES)}, got {self.guides}")
         if not self.cones or not self.x0s:
             problems.append("cones and x0_predictions need at least one value each")
+        if x0_off_input not in X0_OFF_INPUTS:
+            problems.append(f"x0_off_input must be one of {list(X0_OFF_INPUTS)}, got {x0_off_input!r}")
+        self.x0_off_input = x0_off_input
         if any(m not in METHODS for m in self.methods) or len(set(self.methods)) != len(self.methods):
             problems.append(f"methods must be distinct names from {list(METHODS)}, got {self.methods}")
         if any(m not in METHODS for m in self.method_args):
@@ -334,6 +344,8 @@ class Vaeth(Study):
         }
         if cone:
             args["model.init_args.robust_classifier"] = ckpt["robust"]
+        if not x0 and self.x0_off_input != "x0_hat":
+            args["model.init_args.x0_off_input"] = self.x0_off_input
         return args
 
     def method_run_args(self, method: str, ckpt: Mapping[str, Path]) -> tuple[str, dict[str, Any]]:
@@ -416,17 +428,21 @@ class Vaeth(Study):
                         grid_runs[(guide, cone, x0)] = method_runs[same]
                         continue
                     grid_runs[(guide, cone, x0)] = ctx.explain(
-                        grid_name(guide, cone, x0),
+                        grid_name(guide, cone, x0, self.x0_off_input),
                         (*data, "explain/dvce.yaml"),
                         {**self.dvce_args(ckpt, guide, cone, x0), **common},
                     )
-        grid_metrics = ctx.evaluate("grid", {grid_name(*k): v for k, v in grid_runs.items()}, eval_args, configs=data)
+        names = {k: grid_name(*k, self.x0_off_input) for k in grid_runs}
+        # the x_t reading has its own evaluation folder: both grids of one output folder are kept
+        grid_eval = "grid" if self.x0_off_input == "x0_hat" else "grid-xt"
+        grid_metrics = ctx.evaluate(grid_eval, {names[k]: v for k, v in grid_runs.items()}, eval_args, configs=data)
         grid_rows: dict[tuple[str, bool, bool], dict[str, Any]] = {}
         for key in grid_runs:
-            overall = grid_metrics["runs"][grid_name(*key)]["overall"]
+            overall = grid_metrics["runs"][names[key]]["overall"]
+            off = "off" if self.x0_off_input == "x0_hat" else "off (classifier on x_t)"
             grid_rows[key] = {
                 "part": "grid",
-                "run": f"DVCE {key[0]}, cone {'on' if key[1] else 'off'}, x0-prediction {'on' if key[2] else 'off'}",
+                "run": f"DVCE {key[0]}, cone {'on' if key[1] else 'off'}, x0-prediction {'on' if key[2] else off}",
                 **{col: overall.get(k, float("nan")) for k, col in COLUMNS},
             }
 
@@ -452,5 +468,5 @@ class Vaeth(Study):
             notes.append(f"goal ({reached['method']}, the diffusion method with the best OTA): {status} ({checks})")
         verdict = {"findings": found, "goal": reached}
         return StudyResult(
-            rows=rows, verdict=verdict, passed=None, notes=notes, report=ctx.out / "evaluate" / "grid" / "report.html"
+            rows=rows, verdict=verdict, passed=None, notes=notes, report=ctx.out / "evaluate" / grid_eval / "report.html"
         )

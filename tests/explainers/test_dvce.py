@@ -161,6 +161,34 @@ def test_x0_prediction_switch_differentiates_through_the_denoiser_or_at_x0_hat(d
     assert not torch.allclose(g_c_through, g_c_direct, atol=1e-6)
 
 
+def test_x0_off_input_x_t_guides_with_the_classifier_on_the_noisy_sample(ddpm_ckpt, cnn_ckpt):
+    noisy = attached(ddpm_ckpt, cnn_ckpt, x0_prediction=False, x0_off_input="x_t")
+    at_x0 = attached(ddpm_ckpt, cnn_ckpt, x0_prediction=False)
+    d = noisy.diffusion
+    query, target = queries(2), torch.tensor([3, 5])
+    t = torch.tensor([40, 40])
+    x_t = d.to_model(query) * 0.7 + 0.3 * torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eps = d.eps(x_t, t)
+        x0_hat = x0_from_eps(x_t, eps, t, d.alphas_cumprod)
+    step = GuidanceStep(0, t, t - 1, x_t, eps, x0_hat, torch.zeros_like(x_t), torch.zeros(2, 1, 1, 1))
+    g_c, g_d, terms = noisy.guidance_terms(step, query, target, None)
+    # by hand: log p(target | C(x_t in image space)) differentiated at x_t (no denoiser involved)
+    x = x_t.clone().requires_grad_(True)
+    logp = noisy.classifier(noisy.classifier_input(x)).log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+    torch.testing.assert_close(g_c, torch.autograd.grad(logp.sum(), x)[0])
+    torch.testing.assert_close(terms["log_prob"], logp.detach())
+    # the distance term is the x0-hat reading's: only the classifier's input changed
+    g_c_x0, g_d_x0, _ = at_x0.guidance_terms(step, query, target, None)
+    torch.testing.assert_close(g_d, g_d_x0)
+    assert not torch.allclose(g_c, g_c_x0, atol=1e-6)
+    # recorded only when it is not the default, so runs made before the switch keep their fingerprint
+    assert noisy.describe()["x0_off_input"] == "x_t"
+    assert "x0_off_input" not in at_x0.describe()
+    with pytest.raises(UserError, match="x0_off_input must be one of"):
+        DVCE(diffusion=str(ddpm_ckpt), x0_off_input="noisy", num_steps=5).describe()
+
+
 # ----------------------------------------------------------------------------- independence and seeds
 def test_counterfactual_does_not_depend_on_chunk_mates_and_seed_reproduces(ddpm_ckpt, cnn_ckpt):
     method = attached(ddpm_ckpt, cnn_ckpt, augment=2)

@@ -112,6 +112,19 @@ def test_study_writes_results_reuses_models_and_resumes(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
     assert json.loads((out / "study.json").read_text())["settings"]["epochs"] == 1
 
+    # a folder made before the study gained a setting resumes while that setting is at its default
+    meta = json.loads((out / "study.json").read_text())
+    del meta["settings"]["label"]
+    (out / "study.json").write_text(json.dumps(meta))
+    main(["study", "--config", str(cfg)])
+    assert json.loads((out / "results.json").read_text())["models"]["cnn"]["reused"] is True
+    assert json.loads((out / "study.json").read_text())["settings"]["label"] == "a"
+    (out / "study.json").write_text(json.dumps(meta))  # without "label" again
+    with pytest.raises(SystemExit) as err:  # ... but not at another value
+        main(["study", "--config", str(cfg), "--settings.label", "b"])
+    assert "other settings" in capsys.readouterr().err
+    (out / "study.json").write_text(json.dumps({**meta, "settings": {**meta["settings"], "label": "a"}}))
+
     # --overwrite: a changed model setting trains a new model (new key); the old one is kept
     main(["study", "--config", str(cfg), "--settings.epochs", "2", "--overwrite"])
     now = ckpts(out)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lit_cf.studies.vaeth import GUIDES, METHODS, Vaeth, findings, goal
+from lit_cf.studies.vaeth import GUIDES, METHODS, Vaeth, findings, goal, grid_name
 from tests.fixtures import write_idx_dataset
 from tests.studies.test_ablate_disc_study import run_cli_expecting_error
 
@@ -21,6 +21,7 @@ from tests.studies.test_ablate_disc_study import run_cli_expecting_error
         ({"tau": 1.5}, "tau"),
         ({"queries": 0}, "queries"),
         ({"cones": []}, "cones"),
+        ({"x0_off_input": "noisy"}, "x0_off_input must be one of"),
         ({"diffusion": "/nonexistent/ddpm.ckpt"}, "diffusion checkpoint not found"),
         ({"root": "/nonexistent"}, "no MNIST folder"),
         ({"data_overrides": {"trainer.max_epochs": 1}}, "data_overrides"),
@@ -78,6 +79,18 @@ def test_grid_cells_equal_to_a_method_run_are_reused(tmp_path):
     assert changed.same_as_method(("standard", False, True)) is None  # other arguments: its own run
     assert changed.same_as_method(("standard", True, True)) == "dvce_cone"
     assert Vaeth(root=str(root), methods=["pixel"]).same_as_method(("standard", False, True)) is None
+
+
+def test_x0_off_input_x_t_gives_the_cells_without_x0_prediction_their_own_runs(tmp_path):
+    root = write_idx_dataset(tmp_path / "data", n_train=8, n_test=8)
+    ckpt = {name: tmp_path / f"{name}.ckpt" for name in (*GUIDES, "ddpm")}
+    default, noisy = Vaeth(root=str(root)), Vaeth(root=str(root), x0_off_input="x_t")
+    assert "model.init_args.x0_off_input" not in default.dvce_args(ckpt, "standard", False, False)
+    assert noisy.dvce_args(ckpt, "standard", False, False)["model.init_args.x0_off_input"] == "x_t"
+    assert "model.init_args.x0_off_input" not in noisy.dvce_args(ckpt, "standard", False, True)  # x0-prediction on
+    assert grid_name("duq", True, False) == "dvce-duq-cone-nox0"
+    assert grid_name("duq", True, False, "x_t") == "dvce-duq-cone-nox0xt"  # never the x0-hat reading's folder
+    assert grid_name("duq", True, True, "x_t") == "dvce-duq-cone-x0"  # shared: the same arguments
 
 
 @pytest.mark.slow  # about a minute on two busy cores: eight tiny fits, four DVCE runs, two evaluations
