@@ -31,16 +31,12 @@ from torchvision.utils import make_grid, save_image
 
 from lit_cf.data import FashionMNISTDataModule, MNISTDataModule
 from lit_cf.explainers.diffusion_sampler import load_diffusion
+from lit_cf.metrics.model_scores import predict
 from lit_cf.models import ConvNet, ImageClassifier, freeze
-from lit_cf.models.diffusion import DiffusionModel, q_sample, round_trip_scores
+from lit_cf.models.diffusion import DiffusionModel, q_sample, round_trip_noise, round_trip_scores
 from lit_cf.utils.checkpoint import load_module
 
 DATA = {"mnist": MNISTDataModule, "fashion_mnist": FashionMNISTDataModule}
-
-
-@torch.no_grad()
-def predictions(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    return torch.cat([classifier(images[i : i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
 
 
 def ceiling(
@@ -55,10 +51,9 @@ def ceiling(
 ) -> dict[float, float]:
     """Per tau: accuracy on ``test`` (noised as in the round trip) of a CNN trained to predict ``C(x)`` from ``x_tau``."""
     T, acp = model.num_train_timesteps, model.alphas_cumprod.cpu()
-    train_y, test_y = predictions(classifier, train), predictions(classifier, test)
+    train_y, test_y = predict(classifier, train), predict(classifier, test)
     num_classes = int(classifier(test[:1]).shape[-1])
-    # the round trip's noise: drawn once, in order, from the seed (round_trip_scores)
-    test_noise = torch.randn((len(test), *model.model_shape), generator=torch.Generator().manual_seed(seed))
+    test_noise = round_trip_noise(model, len(test), seed)  # the same noise as round_trip_scores
     c, s, _ = model.model_shape
     out = {}
     for tau in taus:
@@ -81,7 +76,7 @@ def ceiling(
         net.eval()
         with torch.no_grad():
             x_t = q_sample(model.to_model(test), torch.full((len(test),), t), test_noise, acp)
-            out[float(tau)] = float((predictions(net, x_t) == test_y).float().mean())
+            out[float(tau)] = float((predict(net, x_t) == test_y).float().mean())
     return out
 
 

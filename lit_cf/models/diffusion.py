@@ -438,6 +438,11 @@ class DiffusionModel(L.LightningModule):
         return path
 
 
+def round_trip_noise(model: DiffusionModel, n: int, seed: int) -> Tensor:
+    """The round trip's noise of ``n`` images: drawn once, in order, from ``seed`` (on the CPU)."""
+    return torch.randn((n, *model.model_shape), generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def round_trip_scores(
     model: DiffusionModel,
@@ -456,7 +461,7 @@ def round_trip_scores(
     change the result.
     """
     device = model.alphas_cumprod.device
-    noise = torch.randn((len(images), *model.model_shape), generator=torch.Generator().manual_seed(seed))
+    noise = round_trip_noise(model, len(images), seed)
     preds = torch.cat(
         [classifier(images[i : i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(images), batch_size)]
     )
@@ -493,6 +498,7 @@ __all__ = [
     "previous_timesteps",
     "q_sample",
     "respaced_timesteps",
+    "round_trip_noise",
     "round_trip_scores",
     "x0_from_eps",
 ]

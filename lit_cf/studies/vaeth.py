@@ -437,9 +437,9 @@ class Vaeth(Study):
         grid_eval = "grid" if self.x0_off_input == "x0_hat" else "grid-xt"
         grid_metrics = ctx.evaluate(grid_eval, {names[k]: v for k, v in grid_runs.items()}, eval_args, configs=data)
         grid_rows: dict[tuple[str, bool, bool], dict[str, Any]] = {}
+        off = "off" if self.x0_off_input == "x0_hat" else "off (classifier on x_t)"
         for key in grid_runs:
             overall = grid_metrics["runs"][names[key]]["overall"]
-            off = "off" if self.x0_off_input == "x0_hat" else "off (classifier on x_t)"
             grid_rows[key] = {
                 "part": "grid",
                 "run": f"DVCE {key[0]}, cone {'on' if key[1] else 'off'}, x0-prediction {'on' if key[2] else off}",
