@@ -13,7 +13,8 @@ image's runner-up class, so a batch mixes many targets:
    ratios.
 
 Every row reports seconds per counterfactual; on a GPU also counterfactuals per second, for each
-``--precision`` (``32`` and/or ``bf16-mixed``).
+``--precision`` (``32``, ``bf16-mixed``, and ``64``: models and records in float64, which tells
+float rounding from a real dependence on chunk-mates in the batched vs one-at-a-time difference).
 
 The DDPM has the architecture of ``configs/model/ddpm_mnist.yaml`` (about 1.06 M parameters, 32 px);
 by default it is *untrained* (two optimiser steps, to write a checkpoint): the cost does not depend
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import tempfile
 import time
@@ -46,7 +48,7 @@ from lit_cf.models import ImageClassifier
 from lit_cf.utils.checkpoint import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = ("32", "bf16-mixed")
+PRECISIONS = ("32", "bf16-mixed", "64")
 
 
 def fit(workdir: Path, model_config: str, *extra: str) -> Path:
@@ -98,7 +100,15 @@ def subset(batch: dict[str, torch.Tensor], rows: slice | list[int]) -> dict[str,
     return {k: v[rows] for k, v in batch.items()}
 
 
+def in_precision(batch: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """The records with images in float64 for ``--precision 64`` (as they are otherwise)."""
+    if precision != "64":
+        return batch
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
 def timed(method: Any, batch: dict[str, torch.Tensor], device: torch.device, precision: str) -> tuple[float, dict]:
+    batch = in_precision(batch, precision)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     )
@@ -112,17 +122,18 @@ def timed(method: Any, batch: dict[str, torch.Tensor], device: torch.device, pre
     return time.perf_counter() - start, out
 
 
-def build(name: str, ddpm: str, classifier: ImageClassifier, device: torch.device, **kw: Any) -> Any:
+def build(name: str, ddpm: str, classifier: ImageClassifier, device: torch.device, precision: str = "32", **kw: Any) -> Any:
     cls = {"dvce": DVCE, "fastdime": FastDiME, "ace": ACE}[name]
     method = cls(diffusion=ddpm, log_every=0, **kw)
-    method.attach(classifier)
-    return method.to(device).eval()
+    method.attach(copy.deepcopy(classifier) if precision == "64" else classifier)  # .double() would convert it in place
+    method = method.to(device).eval()
+    return method.double() if precision == "64" else method
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="32", help="comma-separated: 32, bf16-mixed")
+    p.add_argument("--precision", default="32", help="comma-separated: 32, bf16-mixed, 64 (float64)")
     p.add_argument("--batch", type=int, default=64, help="records in the batched chunk")
     p.add_argument("--single", type=int, default=8, help="records run one at a time (subset of the batch)")
     p.add_argument("--chain_images", type=int, default=4, help="records of the x0 vs chain comparison")
@@ -157,7 +168,7 @@ def main() -> None:
         rows = []
         for precision in precisions:
             for name in methods:
-                method = build(name, ddpm, classifier, device, **settings[name])
+                method = build(name, ddpm, classifier, device, precision, **settings[name])
                 seconds, out = timed(method, batch, device, precision)
                 extra = {k: float(out[k].float().mean()) for k in ("attempt", "steps") if k in out}
                 rows.append(
@@ -200,6 +211,7 @@ def main() -> None:
                         ddpm,
                         classifier,
                         device,
+                        precision,
                         num_steps=args.fastdime_steps,
                         clean_estimate=estimate,
                         class_scales=[8.0],

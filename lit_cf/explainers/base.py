@@ -23,7 +23,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import lightning as L
 import torch
@@ -60,6 +60,10 @@ class CounterfactualMethod(L.LightningModule):
     """
 
     abstract = True
+    # Settings added after runs of the method existed, with the value that reproduces the method
+    # as it was before: ``describe`` leaves a setting out of the record while it holds that value,
+    # so earlier runs keep their fingerprint (explain resumes them, studies reuse them).
+    later_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -115,9 +119,10 @@ class CounterfactualMethod(L.LightningModule):
 
     def describe(self) -> dict[str, Any]:
         """Method settings recorded in the run directory (with the :meth:`stopping_rule`)."""
+        settings = {k: v for k, v in self.hparams.items() if not (k in self.later_settings and v == self.later_settings[k])}
         out = {
             "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-            **dict(self.hparams),
+            **settings,
             "stopping": self.stopping_rule(),
         }
         specs = self.output_specs()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lit_cf.errors import UserError
 from lit_cf.explainers.base import CounterfactualMethod
+from lit_cf.explainers.diffusion_ops import full_precision
 from lit_cf.explainers.diffusion_sampler import NoiseStream, load_diffusion, respaced_timesteps
 from lit_cf.models.base import ImageClassifier
 from lit_cf.models.diffusion import DiffusionModel, data_identity
@@ -244,7 +245,7 @@ class DiffusionCounterfactual(CounterfactualMethod):
         with torch.enable_grad():
             x_cf, extras = self.generate(batch)
         with torch.no_grad():
-            x_cf = x_cf.detach().float().clamp(0, 1)
-            probs = self.attached_classifier()(x_cf).float().softmax(-1)
+            x_cf = full_precision(x_cf.detach()).clamp(0, 1)
+            probs = full_precision(self.attached_classifier()(x_cf)).softmax(-1)
         steps = torch.full_like(batch["target"], self.num_steps)
         return {"counterfactual": x_cf, "final_probs": probs, "steps": steps, **{k: v.detach() for k, v in extras.items()}}

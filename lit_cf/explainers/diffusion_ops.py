@@ -67,6 +67,12 @@ def stream_noise(seeds: Tensor, stream: tuple[int, ...], shape: tuple[int, ...],
     return record_noise(stream_seeds(seeds.cpu(), *stream), tuple(shape), draws, device)
 
 
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in at least float32: half and bfloat16 (autocast) are upcast, float64 is kept (so a
+    float64 run, e.g. the benchmark's ``--precision 64``, stays float64 end to end)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def difference_mask(x: Tensor, y: Tensor, kernel: int, threshold: float) -> Tensor:
     """Where ``x`` and ``y`` differ: ``dilate(sum_c |x - y| / its per-image max, kernel) > threshold``.
 
@@ -75,7 +81,7 @@ def difference_mask(x: Tensor, y: Tensor, kernel: int, threshold: float) -> Tens
     normalised map or the thresholded map gives the same mask. An image with ``x == y``
     everywhere gets an empty mask.
     """
-    diff = (x.float() - y.float()).abs().sum(1, keepdim=True)
+    diff = (full_precision(x) - full_precision(y)).abs().sum(1, keepdim=True)
     peak = diff.flatten(1).amax(1).view(-1, 1, 1, 1)
     norm = torch.where(peak > 0, diff / peak.clamp_min(1e-12), torch.zeros_like(diff))
     dilated = F.max_pool2d(norm, kernel, stride=1, padding=kernel // 2) if kernel > 1 else norm

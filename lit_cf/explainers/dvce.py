@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from lit_cf.errors import UserError
 from lit_cf.explainers.diffusion_base import DiffusionCounterfactual
+from lit_cf.explainers.diffusion_ops import full_precision
 from lit_cf.explainers.diffusion_sampler import SAMPLERS, GuidanceStep, NoiseStream, guided_sample, noised_start
 from lit_cf.models.base import ImageClassifier, freeze
 from lit_cf.utils.checkpoint import checkpoint_class, file_sha256, load_module
@@ -135,6 +136,8 @@ class DVCE(DiffusionCounterfactual):
         log_every: Log the guidance terms every this many steps (0 disables).
     """
 
+    later_settings = {"x0_off_input": "x0_hat"}  # added 2026-12-02: not recorded at this value
+
     def __init__(
         self,
         diffusion: str | None = None,
@@ -205,10 +208,6 @@ class DVCE(DiffusionCounterfactual):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        if info.get("x0_off_input") == "x0_hat":
-            # the default (the only behaviour before the switch existed) is not recorded, so runs
-            # made before it keep their fingerprint and resume or are reused as before
-            info.pop("x0_off_input")
         if self.cone:
             info["robust_classifier_sha256"] = file_sha256(self._robust_path())
         return info
@@ -234,9 +233,9 @@ class DVCE(DiffusionCounterfactual):
             b = len(images)
             params = noise.uniform((self.augment, 4)).transpose(0, 1).reshape(-1, 4)  # [k*B, 4], copy-major
             copies = random_affine(images.repeat(self.augment, 1, 1, 1), params)
-            logp = model(copies).float().log_softmax(-1).gather(1, target.repeat(self.augment)[:, None]).squeeze(1)
+            logp = full_precision(model(copies)).log_softmax(-1).gather(1, target.repeat(self.augment)[:, None]).squeeze(1)
             return logp.view(self.augment, b).mean(0)
-        return model(images).float().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+        return full_precision(model(images)).log_softmax(-1).gather(1, target[:, None]).squeeze(1)
 
     def guidance_terms(
         self, step: GuidanceStep, query: Tensor, target: Tensor, noise: NoiseStream | None
@@ -266,7 +265,7 @@ class DVCE(DiffusionCounterfactual):
 
     def generate(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         d = self.require_diffusion()
-        query, target = batch["image"].float(), batch["target"]
+        query, target = full_precision(batch["image"]), batch["target"]
         timesteps = self.timesteps(query.device)
         noise = self.noise_stream(batch)
         x_start = noised_start(d, query, timesteps, noise)

@@ -60,6 +60,7 @@ from lit_cf.explainers.diffusion_base import DiffusionCounterfactual
 from lit_cf.explainers.diffusion_ops import (
     CountedDenoiser,
     difference_mask,
+    full_precision,
     mask_to_model,
     posterior_variance,
     stream_noise,
@@ -202,7 +203,7 @@ def fastdime_attempt(
     """
     ac = denoiser.alphas_cumprod
     n = len(timesteps)
-    xm = denoiser.to_model(x.float())
+    xm = denoiser.to_model(full_precision(x))
     shape = tuple(xm.shape[1:])
     device = xm.device
     start = stream_noise(seeds, (attempt, -1, _START), shape, 1, device)[0]
@@ -232,7 +233,7 @@ def fastdime_attempt(
         with torch.enable_grad():
             c = est.detach().requires_grad_(True)
             image = denoiser.to_image(c)
-            loss = -scale * classifier(image).float().gather(1, target[:, None]).squeeze(1)
+            loss = -scale * full_precision(classifier(image)).gather(1, target[:, None]).squeeze(1)
             if perceptual is not None and perceptual_weight:
                 loss = loss + perceptual_weight * perceptual(image)
             (grad,) = torch.autograd.grad(loss.sum(), c)
@@ -379,7 +380,7 @@ class FastDiME(DiffusionCounterfactual):
     # ----------------------------------------------------------------- method
     def generate(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.validate_settings()
-        x, target, seeds = batch["image"].float(), batch["target"], batch["seed"]
+        x, target, seeds = full_precision(batch["image"]), batch["target"], batch["seed"]
         n = len(x)
         counted = CountedDenoiser(self.denoiser(), n, x.device)
         timesteps = self.grid()
@@ -394,7 +395,7 @@ class FastDiME(DiffusionCounterfactual):
         stages = x[:, None].repeat(1, len(steps_at), 1, 1, 1)
         attempt = torch.zeros(n, dtype=torch.long, device=x.device)
         scale_used = torch.zeros(n, device=x.device)
-        mask_fraction = torch.ones(n, device=x.device)
+        mask_fraction = torch.ones(n, device=x.device, dtype=x.dtype)
         rows = torch.arange(n, device=x.device)
         for a, scale in enumerate(self.class_scales):
             perceptual: Callable[[Tensor], Tensor] | None = None

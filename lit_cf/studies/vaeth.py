@@ -10,7 +10,8 @@ Two parts on the same test queries and targets:
   robust CNN's gradient on/off; the robust guide is run without it: a cone around its own
   gradient changes nothing) x ``x0_predictions`` (the classifier gradient taken through the
   denoiser, or directly at x0-hat; ``x0_off_input: x_t`` reads "off" as the classifier seeing
-  the noisy sample instead, the other reading of the paper, in its own run folders ``...-nox0xt``);
+  the noisy sample instead, the other reading of the paper, in its own run folders ``...-nox0xt``),
+  every cell with DVCE's shipped config plus ``grid_args`` (e.g. a stronger classifier weight);
 * **the methods table**: every lit-cf method explaining the standard CNN (pixel, DeepInversion,
   DISC with the DUQ term, LatentAttack, DVCE with and without the cone, FastDiME, ACE), each with
   its shipped config and the DDPM of this study, scored together. The table runs first (its goal
@@ -58,6 +59,11 @@ GUIDES = ("standard", "robust", "random", "duq")
 METHODS = ("pixel", "deepinversion", "disc", "latent_attack", "dvce", "dvce_cone", "fastdime", "ace")
 DIFFUSION_METHODS = ("dvce", "dvce_cone", "fastdime", "ace")
 NON_ROBUST = ("standard", "duq")
+#: DVCE arguments the grid sets itself (from its settings), so not allowed in ``grid_args``
+GRID_OWN = tuple(
+    f"model.init_args.{k}"
+    for k in ("diffusion", "tau", "num_steps", "x0_prediction", "cone", "robust_classifier", "x0_off_input")
+)
 #: evaluate's overall keys shown in the tables, with their column names
 COLUMNS = (
     ("n", "n"),
@@ -164,6 +170,11 @@ class Vaeth(Study):
         x0_off_input: What the classifier sees in the cells without x0-prediction: ``x0_hat``
             (the gradient taken at the clean estimate) or ``x_t`` (the noisy sample, plain
             classifier guidance); see :class:`lit_cf.explainers.DVCE`.
+        grid_args: Dotted ``model.init_args.*`` overrides of DVCE in every grid cell, e.g.
+            ``{model.init_args.classifier_weight: 0.5}`` (the grid's own settings, tau, steps,
+            guide, cone and x0-prediction, are set by the settings above, not here). A grid cell
+            reuses the methods table's ``dvce`` / ``dvce_cone`` run only when that method's
+            ``method_args`` equal ``grid_args``.
         tau: DVCE's noise level.
         num_steps: DVCE's steps (and the default of the methods table's DVCE runs).
         methods: The methods table, from ``pixel``, ``deepinversion``, ``disc``,
@@ -194,6 +205,7 @@ class Vaeth(Study):
         cones: list[bool] | None = None,
         x0_predictions: list[bool] | None = None,
         x0_off_input: str = "x0_hat",
+        grid_args: dict[str, Any] | None = None,
         tau: float = 0.5,
         num_steps: int = 100,
         methods: list[str] | None = None,
@@ -217,6 +229,14 @@ class Vaeth(Study):
         if x0_off_input not in X0_OFF_INPUTS:
             problems.append(f"x0_off_input must be one of {list(X0_OFF_INPUTS)}, got {x0_off_input!r}")
         self.x0_off_input = x0_off_input
+        self.grid_args = dict(grid_args or {})
+        own = sorted(k for k in self.grid_args if k in GRID_OWN or not k.startswith("model.init_args."))
+        if own:
+            problems.append(
+                f"grid_args may only hold DVCE's model.init_args.* overrides other than the grid's own "
+                f"({', '.join(GRID_OWN)}: use the settings tau, num_steps, guides, cones, x0_predictions, "
+                f"x0_off_input), got {own}"
+            )
         if any(m not in METHODS for m in self.methods) or len(set(self.methods)) != len(self.methods):
             problems.append(f"methods must be distinct names from {list(METHODS)}, got {self.methods}")
         if any(m not in METHODS for m in self.method_args):
@@ -348,6 +368,10 @@ class Vaeth(Study):
             args["model.init_args.x0_off_input"] = self.x0_off_input
         return args
 
+    def grid_cell_args(self, ckpt: Mapping[str, Path], guide: str, cone: bool, x0: bool) -> dict[str, Any]:
+        """DVCE's arguments in one grid cell: :meth:`dvce_args` plus ``grid_args``."""
+        return {**self.dvce_args(ckpt, guide, cone, x0), **self.grid_args}
+
     def method_run_args(self, method: str, ckpt: Mapping[str, Path]) -> tuple[str, dict[str, Any]]:
         """(explain config, arguments) of one method of the table (on the standard CNN)."""
         if method in ("dvce", "dvce_cone"):
@@ -366,11 +390,12 @@ class Vaeth(Study):
         """The methods-table run a grid cell (guide, cone, x0-prediction) equals, if any.
 
         ``dvce`` and ``dvce_cone`` are DVCE on the standard CNN with x0-prediction and the cone
-        off / on: the same arguments as those grid cells unless ``method_args`` changes them.
+        off / on: the same arguments as those grid cells when its ``method_args`` equal ``grid_args``.
         """
         guide, cone, x0 = key
         method = "dvce_cone" if cone else "dvce"
-        if guide == "standard" and x0 and method in self.methods and not self.method_args.get(method):
+        same_args = json.dumps(self.method_args.get(method, {}), sort_keys=True) == json.dumps(self.grid_args, sort_keys=True)
+        if guide == "standard" and x0 and method in self.methods and same_args:
             return method
         return None
 
@@ -430,7 +455,7 @@ class Vaeth(Study):
                     grid_runs[(guide, cone, x0)] = ctx.explain(
                         grid_name(guide, cone, x0, self.x0_off_input),
                         (*data, "explain/dvce.yaml"),
-                        {**self.dvce_args(ckpt, guide, cone, x0), **common},
+                        {**self.grid_cell_args(ckpt, guide, cone, x0), **common},
                     )
         names = {k: grid_name(*k, self.x0_off_input) for k in grid_runs}
         # the x_t reading has its own evaluation folder: both grids of one output folder are kept
@@ -459,7 +484,8 @@ class Vaeth(Study):
         reached = goal(method_rows, no_edit)
         notes = [
             f"{len(chosen['indices'])} MNIST test queries the standard CNN classifies correctly; target: its most likely "
-            f"other class for every run; DVCE tau {self.tau}, {self.num_steps} steps",
+            f"other class for every run; DVCE tau {self.tau}, {self.num_steps} steps"
+            + (f"; grid cells with {json.dumps(self.grid_args, sort_keys=True)}" if self.grid_args else ""),
             *(f"finding: {f['finding']}: {'holds' if f['holds'] else 'does not hold'} ({f['numbers']})" for f in found),
         ]
         if reached is not None:

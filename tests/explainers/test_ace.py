@@ -7,6 +7,7 @@ import torch
 
 from lit_cf.errors import UserError
 from lit_cf.explainers.ace import ACE, diffusion_filter
+from lit_cf.explainers.base import CounterfactualMethod
 from lit_cf.explainers.diffusion_ops import CountedDenoiser, difference_mask
 from tests.explainers.diffusion_fakes import SIZE, TinyDenoiser, batch, tiny_classifier, wire
 
@@ -127,6 +128,28 @@ def test_adversarial_pre_explanation_switch(models, queries):
     assert ((adversarial - x).abs().amax((1, 2, 3)) <= ex_a["steps"] * 0.02 + 1e-6).all()
 
 
+def test_attack_confidence_runs_pgd_on_until_the_target_probability_is_reached(models, queries):
+    x, targets = queries
+    _, clf = models
+    records = batch(x, targets, list(range(6)))
+    first, ex_first = ace(models, refine=False, iterations=60).generate(records)
+    sure, ex_sure = ace(models, refine=False, iterations=60, attack_confidence=0.6).generate(records)
+    # the same noise per iteration: both attacks agree up to the first top-1, then the margin goes on
+    assert (ex_sure["steps"] >= ex_first["steps"]).all() and (ex_sure["steps"] > ex_first["steps"]).any()
+    p_first = clf(first).softmax(-1)[torch.arange(6), targets]
+    p_sure = clf(sure).softmax(-1)[torch.arange(6), targets]
+    stopped = ex_sure["steps"] < 60
+    assert stopped.sum() >= 3
+    assert (p_sure[stopped] >= 0.6).all()
+    assert (p_first < 0.6).any()  # the first top-1 alone leaves images below the margin
+    assert torch.equal(ex_sure["denoiser_calls"], (ex_sure["steps"] + 1) * 3)
+    # recorded only off its default, so runs made before the setting existed keep their fingerprint
+    # (the base's record; ACE's own adds the DDPM's checksum, which needs a real checkpoint)
+    assert "attack_confidence" not in CounterfactualMethod.describe(ace(models))
+    assert CounterfactualMethod.describe(ace(models, attack_confidence=0.9))["attack_confidence"] == 0.9
+    assert "p(target) >= 0.9" in ace(models, attack_confidence=0.9).stopping_rule()
+
+
 def test_independence_and_same_seed(models, queries):
     x, targets = queries
     method = ace(models, epsilon=0.1)
@@ -141,6 +164,17 @@ def test_independence_and_same_seed(models, queries):
     assert not torch.allclose(a_cf, other, atol=1e-3)
 
 
+def test_float64_runs_stay_float64_and_are_independent_to_rounding(queries):
+    x, targets = queries
+    models = (TinyDenoiser().double(), tiny_classifier().double())
+    method = ace(models, epsilon=0.1)
+    a_cf, a = method.generate(batch(x[[0, 1, 2]].double(), [targets[0], 3, 4], [10, 11, 12]))
+    b_cf, b = method.generate(batch(x[[4, 0]].double(), [7, targets[0]], [14, 10]))
+    assert a_cf.dtype == torch.float64 and a["stages"].dtype == torch.float64
+    torch.testing.assert_close(a_cf[0], b_cf[1], atol=1e-12, rtol=0)
+    assert a["steps"][0] == b["steps"][1]
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -151,6 +185,8 @@ def test_independence_and_same_seed(models, queries):
         ({"step_size": 0.0}, "step_size"),
         ({"l1_weight": -0.001}, "l1_weight"),
         ({"epsilon": -0.1}, "epsilon"),
+        ({"attack_confidence": 1.0}, "attack_confidence"),
+        ({"attack_confidence": -0.1}, "attack_confidence"),
         ({"pre_explanation": "both"}, "pre_explanation"),
         ({"mask_kernel": 0}, "mask_kernel"),
     ],

@@ -207,6 +207,16 @@ def test_counterfactual_does_not_depend_on_chunk_mates_and_seed_reproduces(ddpm_
     assert full["steps"].tolist() == [6] * 4 and full["final_probs"].shape == (4, 10)
 
 
+def test_float64_runs_stay_float64_and_are_independent_to_rounding(ddpm_ckpt, cnn_ckpt):
+    # what bench_diffusion's --precision 64 relies on to tell rounding from a real dependence
+    method = attached(ddpm_ckpt, cnn_ckpt, num_steps=20, classifier_weight=0.5).double()
+    x = queries(4).double()
+    full = method.optimise(batch_of(x, [1, 2, 3, 4], [10, 11, 12, 13]))
+    alone = method.optimise(batch_of(x[2:3], [3], [12]))
+    assert full["counterfactual"].dtype == torch.float64 and full["final_probs"].dtype == torch.float64
+    torch.testing.assert_close(alone["counterfactual"][0], full["counterfactual"][2], atol=1e-10, rtol=0)
+
+
 def test_cone_with_the_explained_classifier_as_robust_one_changes_nothing(ddpm_ckpt, cnn_ckpt):
     batch = batch_of(queries(2), [1, 2], [10, 11])
     plain = attached(ddpm_ckpt, cnn_ckpt).optimise(batch)

@@ -159,6 +159,17 @@ def test_counterfactual_does_not_depend_on_chunk_mates(models, queries, clean_es
     assert (a_cf[0] - x[0]).abs().max() > 1e-3  # it did change
 
 
+def test_float64_runs_stay_float64_and_are_independent_to_rounding(queries):
+    # bench_diffusion's --precision 64: float64 in, float64 out, chunk-mates change nothing
+    x, targets = queries
+    models = (TinyDenoiser().double(), tiny_classifier().double())
+    method = fastdime(models, mask_from=0.5, mask_kernel=3, num_steps=4, perceptual_weight=5.0)
+    a_cf, a = method.generate(batch(x[[0, 1, 2]].double(), [targets[0], 3, 4], [10, 11, 12]))
+    b_cf, b = method.generate(batch(x[[4, 0]].double(), [7, targets[0]], [14, 10]))
+    assert a_cf.dtype == torch.float64 and a["mask_fraction"].dtype == torch.float64
+    torch.testing.assert_close(a_cf[0], b_cf[1], atol=1e-12, rtol=0)
+
+
 def test_same_seed_same_output_and_other_seed_differs(models, queries):
     x, targets = queries
     method = fastdime(models, mask_from=0.5, perceptual_weight=5.0)

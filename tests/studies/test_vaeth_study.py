@@ -22,6 +22,8 @@ from tests.studies.test_ablate_disc_study import run_cli_expecting_error
         ({"queries": 0}, "queries"),
         ({"cones": []}, "cones"),
         ({"x0_off_input": "noisy"}, "x0_off_input must be one of"),
+        ({"grid_args": {"model.init_args.tau": 0.3}}, "grid_args may only hold"),
+        ({"grid_args": {"classifier": "other.ckpt"}}, "grid_args may only hold"),
         ({"diffusion": "/nonexistent/ddpm.ckpt"}, "diffusion checkpoint not found"),
         ({"root": "/nonexistent"}, "no MNIST folder"),
         ({"data_overrides": {"trainer.max_epochs": 1}}, "data_overrides"),
@@ -79,6 +81,24 @@ def test_grid_cells_equal_to_a_method_run_are_reused(tmp_path):
     assert changed.same_as_method(("standard", False, True)) is None  # other arguments: its own run
     assert changed.same_as_method(("standard", True, True)) == "dvce_cone"
     assert Vaeth(root=str(root), methods=["pixel"]).same_as_method(("standard", False, True)) is None
+    # grid_args: a cell reuses a table run only when that method's arguments equal the grid's
+    strong = {"model.init_args.classifier_weight": 0.5}
+    both = Vaeth(root=str(root), grid_args=strong, method_args={"dvce": dict(strong)})
+    assert both.same_as_method(("standard", False, True)) == "dvce"
+    assert both.same_as_method(("standard", True, True)) is None  # dvce_cone keeps the shipped weight
+
+
+def test_grid_args_reach_every_grid_cell(tmp_path):
+    root = write_idx_dataset(tmp_path / "data", n_train=8, n_test=8)
+    ckpt = {name: tmp_path / f"{name}.ckpt" for name in (*GUIDES, "ddpm")}
+    strong = Vaeth(root=str(root), grid_args={"model.init_args.classifier_weight": 0.5})
+    for guide in GUIDES:
+        for cone in (False, True):
+            for x0 in (False, True):
+                args = strong.grid_cell_args(ckpt, guide, cone, x0)
+                assert args["model.init_args.classifier_weight"] == 0.5
+                assert args["model.init_args.x0_prediction"] is x0 and args["classifier"] == ckpt[guide]
+    assert "model.init_args.classifier_weight" not in Vaeth(root=str(root)).grid_cell_args(ckpt, "duq", True, False)
 
 
 def test_x0_off_input_x_t_gives_the_cells_without_x0_prediction_their_own_runs(tmp_path):
