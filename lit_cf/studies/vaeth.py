@@ -394,8 +394,7 @@ class Vaeth(Study):
         """
         guide, cone, x0 = key
         method = "dvce_cone" if cone else "dvce"
-        same_args = json.dumps(self.method_args.get(method, {}), sort_keys=True) == json.dumps(self.grid_args, sort_keys=True)
-        if guide == "standard" and x0 and method in self.methods and same_args:
+        if guide == "standard" and x0 and method in self.methods and self.method_args.get(method, {}) == self.grid_args:
             return method
         return None
 
